@@ -1,0 +1,55 @@
+# mildnet: `make demo` runs the main job end to end, `make test` runs the whole suite. Both set up everything.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DEPS_STAMP := $(VENV)/.deps-stamp
+BUILD_STAMP := $(VENV)/.build-stamp
+# torch's build helpers need the toolkit's real folder, not the nvcc symlink's (see docs).
+NVCC := $(shell command -v nvcc 2>/dev/null)
+export CUDA_HOME ?= $(if $(NVCC),$(shell dirname $$(dirname $$(readlink -f $(NVCC)))),)
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
+export MAX_JOBS ?= 2
+KERNEL_SOURCES := $(shell find kernels -type f 2>/dev/null) setup.py
+PYTEST_ARGS ?=
+
+.PHONY: all venv build cmake-test test demo serve loadtest bench clean help
+all: build
+
+help:
+	@echo "make demo   - set up, train briefly, export, serve, index, query, load-test, summary"
+	@echo "make test   - set up, build (C++ + CUDA where nvcc exists), ctest, pytest"
+	@echo "make serve  - start Triton on model_repository (127.0.0.1)"
+	@echo "make bench  - run the benchmarks under bench/ (JSON in bench/results/)"
+
+$(DEPS_STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	touch $@
+venv: $(DEPS_STAMP)
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(KERNEL_SOURCES)
+	$(PIP) install -q --no-build-isolation -e .
+	touch $@
+build: $(BUILD_STAMP)
+
+cmake-test: $(BUILD_STAMP)
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DPython3_EXECUTABLE=$(PY)
+	cmake --build build/cmake -j $(MAX_JOBS)
+	cd build/cmake && ctest --output-on-failure
+
+test: cmake-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+serve: $(BUILD_STAMP)
+	$(PY) -m mildnet serve --repository model_repository
+
+bench: $(BUILD_STAMP)
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf build *.egg-info mildnet/*.so $(BUILD_STAMP)

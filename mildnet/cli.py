@@ -1,0 +1,51 @@
+"""The ``mildnet`` command: thin. Each subcommand lives in its room and exposes
+``configure_parser(parser)`` and ``run(args) -> int``; this file only wires them up."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Imported lazily so one broken room never hides the others.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "weights": ("mildnet.weights.cli", "fetch and convert pretrained backbones (offline sources)"),
+    "models": ("mildnet.models.cli", "list the model zoo"),
+    "triplets": ("mildnet.data.triplets", "create a triplet CSV from a catalogue"),
+    "train": ("mildnet.train", "train a MILDNet model on triplets"),
+    "eval": ("mildnet.evaluate", "triplet accuracy, retrieval metrics and a results page"),
+    "export": ("mildnet.export", "export a checkpoint into a Triton model repository"),
+    "serve": ("mildnet.serve", "start Triton Inference Server on a model repository"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mildnet", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == wanted:  # only import the room that runs
+            importlib.import_module(module).configure_parser(p)
+            p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # our clear errors: no traceback for users
+        print(f"mildnet {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
