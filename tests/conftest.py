@@ -28,3 +28,63 @@ def grocery_photos(grocery_root) -> list[Path]:
             seen.add(fine)
             out.append(grocery_root / "dataset" / rel)
     return out
+
+
+# ---- Triton serving fixtures (issue 5: mildnet.export / mildnet.serve) ----------------------------------------
+# ONE real server per test session (the machine is shared): an untrained, seeded MILDNet-Mobile at 96 px,
+# exported into a temp copy of model_repository/, with a small catalogue index of real photos for `similar`.
+SERVED_VARIANT = "mildnet_mobile"
+SERVED_INPUT_SIZE = 96
+SERVED_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def served_repository(tmp_path_factory, grocery_photos):
+    """(repository path, in-process model, export info): the exported model and the oracle it must match."""
+    import shutil
+
+    import torch
+
+    from mildnet import models
+    from mildnet.export import ServingConfig, export_model
+
+    repo = tmp_path_factory.mktemp("triton") / "model_repository"
+    shutil.copytree(ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("[0-9]*", "index"))
+    torch.manual_seed(SERVED_SEED)
+    model = models.create(SERVED_VARIANT, pretrained=False, input_size=SERVED_INPUT_SIZE).eval()
+    result = export_model(model, repo, ServingConfig(max_batch_size=16, max_queue_delay_us=5000))
+    served = models.load_checkpoint(result.version_dir / "model.pt").eval()
+    return repo, served, result.info
+
+
+@pytest.fixture(scope="session")
+def catalogue_index(served_repository, grocery_photos):
+    """An index of the grocery photos (in-process embeddings) at similar/index/catalogue.mindex."""
+    import torch
+
+    from mildnet.imageio import preprocess
+    from mildnet.index import create_index
+
+    repo, model, info = served_repository
+    with torch.inference_mode():
+        x = torch.stack([preprocess(p, model.spec) for p in grocery_photos])
+        vectors = model(x).numpy()
+    index = create_index(model.embedding_dim, kind="flat", model_version=info["model_version"])
+    ids = [p.stem for p in grocery_photos]
+    # train/<Fruit|Packages|Vegetables>/<coarse class>/...: filterable metadata
+    meta = [{"group": p.relative_to(GROCERY / "dataset").parts[1],
+             "category": p.relative_to(GROCERY / "dataset").parts[2]} for p in grocery_photos]
+    index.add(ids, vectors, meta)
+    path = repo / "similar" / "index" / "catalogue.mindex"
+    index.save(path)
+    return path, ids, vectors
+
+
+@pytest.fixture(scope="session")
+def triton_server(served_repository, catalogue_index):
+    """A real tritonserver on free 127.0.0.1 ports over the exported repository; stopped at session end."""
+    from mildnet.serve import TritonServer
+
+    repo, _, _ = served_repository
+    with TritonServer(repo, poll_secs=1, log_file=repo.parent / "tritonserver.log") as server:
+        yield server

@@ -1,0 +1,366 @@
+#!/usr/bin/env python
+"""Build or update a catalogue index by embedding images through Triton's ``mildnet_ensemble``.
+
+    python client/index.py CATALOGUE --out catalogue.mindex [--url localhost:8000 --url host2:8000]
+    python client/index.py more.csv  --out catalogue.mindex --add          # add new items, no rebuild
+    python client/index.py --out catalogue.mindex --delete ID [ID ...]    # remove items, no rebuild
+
+CATALOGUE: an image folder, a CSV/JSONL catalogue or the Grocery dataset (``mildnet.data.catalogue``).
+Each image becomes one index entry; its id is the catalogue's ``id`` metadata column when present, else the
+image path relative to the catalogue root.
+
+Crash safety: every embedded batch is appended (and fsynced) to ``OUT.journal`` before the next is sent; every
+``--checkpoint-every`` items the journal is folded into ``OUT.partial`` (atomic) and emptied. A rerun after a
+crash or ``kill -9`` replays both and embeds only what is missing: every item ends up in the index exactly
+once, and nothing already embedded is sent to the server again. Embeddings from another model version than
+the server's (the index's, the journal's) are refused.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+try:
+    import mildnet  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mildnet.index import Index, IndexFileError, ModelVersionError, create_index, load_index
+
+EXIT_OK, EXIT_ERROR, EXIT_SERVER = 0, 1, 3
+JOURNAL_FORMAT = "mildnet-index-journal"
+
+
+# ---- the journal: an append-only, fsynced record of embedded batches --------------------------------------
+class Journal:
+    """``OUT.journal``: a header line, then one JSON line per embedded batch (ids, metadata, base64 float32
+    vectors, sha256). A torn last line (crash mid-write) is dropped on replay and cut off the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def start(self, model_version: str, dim: int) -> None:
+        header = {"format": JOURNAL_FORMAT, "model_version": model_version, "dim": dim}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(header) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def append(self, ids: Sequence[str], metadata: Sequence[dict], vectors: np.ndarray) -> None:
+        raw = np.ascontiguousarray(vectors, dtype="<f4").tobytes()
+        rec = {"ids": list(ids), "metadata": list(metadata), "vectors": base64.b64encode(raw).decode("ascii"),
+               "sha256": hashlib.sha256(raw + json.dumps(list(ids)).encode()).hexdigest()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def replay(self, model_version: str, dim: int) -> Iterable[tuple[list[str], list[dict], np.ndarray]]:
+        """Yield the complete batches; truncate the file after the last complete one."""
+        with open(self.path, "rb") as f:
+            lines = f.read().split(b"\n")
+        try:
+            header = json.loads(lines[0])
+            assert header.get("format") == JOURNAL_FORMAT
+        except (ValueError, AssertionError):
+            raise IndexFileError(f"{self.path}: not an indexing journal; delete it to start over") from None
+        if header["model_version"] != model_version or int(header["dim"]) != dim:
+            raise ModelVersionError(
+                f"{self.path}: unfinished run embedded with model version {header['model_version']!r} "
+                f"(dim {header['dim']}), the server now serves {model_version!r} (dim {dim}); delete "
+                f"{self.path.name} and the .partial file to start over with the new model")
+        good = len(lines[0]) + 1
+        for line in lines[1:]:
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+                raw = base64.b64decode(rec["vectors"])
+                if hashlib.sha256(raw + json.dumps(rec["ids"]).encode()).hexdigest() != rec["sha256"]:
+                    raise ValueError("checksum")
+                vecs = np.frombuffer(raw, dtype="<f4").reshape(len(rec["ids"]), dim)
+            except (ValueError, KeyError, TypeError):
+                print(f"journal: dropping a torn record after {good} bytes (crash mid-write)", file=sys.stderr)
+                break
+            good += len(line) + 1
+            yield rec["ids"], rec["metadata"], vecs
+        if good < self.path.stat().st_size:
+            os.truncate(self.path, good)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+# ---- catalogue -> (id, path, metadata) ---------------------------------------------------------------------
+def catalogue_entries(source: str, root: str | None = None) -> list[tuple[str, Path, dict]]:
+    """``(index id, image path, metadata)`` per catalogue image; ids unique (a clear error otherwise)."""
+    from mildnet.data.catalogue import load_catalogue
+
+    items = load_catalogue(source, root=root)
+    base = Path(root) if root else (Path(source) if Path(source).is_dir() else Path(source).parent)
+    base = base.resolve()
+    out, seen = [], {}
+    for item in items:
+        path = Path(item.path).resolve()
+        extra = dict(item.metadata or {})
+        item_id = str(extra.pop("id", "")) or (path.relative_to(base).as_posix() if path.is_relative_to(base)
+                                               else path.as_posix())
+        if item_id in seen:
+            raise ValueError(f"catalogue {source}: id {item_id!r} used by two images ({seen[item_id]} and {path})")
+        seen[item_id] = path
+        meta = {**extra, "item_id": item.item_id, "category": item.category, "domain": item.domain,
+                "path": str(path)}
+        if item.split is not None:
+            meta["split"] = item.split
+        out.append((item_id, path, meta))
+    return out
+
+
+def model_identity(embedder) -> tuple[str, int]:
+    """(model_version, dim) the server reports. Accepts an object or a dict from ``model_info()``."""
+    info = embedder.model_info()
+    get = (lambda k: info.get(k)) if isinstance(info, dict) else (lambda k: getattr(info, k, None))
+    version = get("model_version") or get("version")
+    dim = get("dim") or get("embedding_dim")
+    if not version or not dim:
+        raise RuntimeError(f"server's model_info lacks a model version or dim: {info!r}")
+    return str(version), int(dim)
+
+
+# ---- the indexing run ----------------------------------------------------------------------------------------
+def _remote():
+    import mildnet.remote as remote
+
+    return remote
+
+
+def _server_errors() -> tuple[type, ...]:
+    r = _remote()
+    return tuple(e for e in (getattr(r, "ServerUnavailable", None), getattr(r, "ModelNotReady", None)) if e)
+
+
+def embed_chunk(embedder, entries: list[tuple[str, Path, dict]], log) -> tuple[list, np.ndarray | None]:
+    """Embed one chunk; a bad image (unreadable, or refused by the server) is reported and skipped.
+
+    Returns (kept entries, vectors[len(kept), D]). Server-side failures (down, not ready) propagate.
+    """
+    fatal = _server_errors()
+    kept, blobs = [], []
+    for e in entries:
+        try:
+            data = e[1].read_bytes()
+        except OSError as err:
+            log(f"skipping {e[0]}: cannot read {e[1]} ({err.strerror or err})")
+            continue
+        if not data:
+            log(f"skipping {e[0]}: {e[1]} is empty")
+            continue
+        kept.append(e)
+        blobs.append(data)
+    if not kept:
+        return [], None
+    try:
+        return kept, np.asarray(embedder.embed(blobs), dtype=np.float32)
+    except fatal:
+        raise
+    except Exception:
+        if len(kept) == 1:
+            raise
+    # one bad image fails the whole request batch: find it by embedding the chunk one image at a time
+    good, vecs = [], []
+    for e, data in zip(kept, blobs):
+        try:
+            vecs.append(np.asarray(embedder.embed([data]), dtype=np.float32)[0])
+            good.append(e)
+        except fatal:
+            raise
+        except Exception as err:
+            log(f"skipping {e[0]}: the server refused {e[1]}: {str(err).strip()[:300]}")
+    return good, (np.stack(vecs) if vecs else None)
+
+
+def build_index(entries: list[tuple[str, Path, dict]], out: Path, embedder, *, add: bool = False,
+                backend: str = "faiss", backend_params: dict | None = None, kind: str = "auto",
+                chunk: int = 64, checkpoint_every: int = 2000, progress: bool = True,
+                log=lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
+    """Make ``out`` hold every entry's embedding exactly once (resuming an interrupted run). See module doc."""
+    from tqdm import tqdm
+
+    model_version, dim = model_identity(embedder)
+    journal = Journal(out.with_name(out.name + ".journal"))
+    partial = out.with_name(out.name + ".partial")
+    resuming = journal.exists() or partial.exists()
+    if out.exists() and not (add or resuming):
+        raise ValueError(f"{out} exists: use --add to add the catalogue's new items to it "
+                         f"(or delete it to rebuild)")
+    if add and not out.exists() and not resuming:
+        raise ValueError(f"{out} does not exist: nothing to --add to (build it first, without --add)")
+
+    base_file = partial if partial.exists() else (out if out.exists() else None)
+    if base_file is not None:
+        index = load_index(base_file)
+        if index.model_version != model_version:
+            raise ModelVersionError(f"{base_file} holds embeddings of model version {index.model_version!r}; "
+                                    f"the server serves {model_version!r}: build a new index for the new model")
+        if index.dim != dim:
+            raise ModelVersionError(f"{base_file} has dim {index.dim}, the server's model gives {dim}")
+    else:
+        index = create_index(dim, backend=backend, kind=kind, model_version=model_version,
+                             **(backend_params or {}))
+
+    replayed = 0
+    if journal.exists():
+        for ids, metas, vecs in journal.replay(model_version, dim):
+            fresh = [j for j, i in enumerate(ids) if i not in index]  # a crash after the last checkpoint
+            if fresh:
+                index.add([ids[j] for j in fresh], vecs[fresh], [metas[j] for j in fresh],
+                          model_version=model_version)
+                replayed += len(fresh)
+        if replayed:
+            log(f"resumed: {replayed} embeddings recovered from {journal.path.name}, "
+                f"{len(index)} items in the index so far")
+    else:
+        journal.start(model_version, dim)
+
+    todo = [e for e in entries if e[0] not in index]
+    skipped: list[str] = []
+    since_checkpoint, done = 0, 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True)
+    try:
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            kept, vecs = embed_chunk(embedder, part, log)
+            skipped += [e[0] for e in part if e not in kept]
+            if kept:
+                if vecs.shape != (len(kept), dim):
+                    raise RuntimeError(f"server returned embeddings of shape {list(vecs.shape)}, "
+                                       f"expected [{len(kept)}, {dim}]")
+                ids, metas = [e[0] for e in kept], [e[2] for e in kept]
+                journal.append(ids, metas, vecs)  # durable before anything else happens
+                index.add(ids, vecs, metas, model_version=model_version)
+                since_checkpoint += len(kept)
+                done += len(kept)
+            bar.update(len(part))
+            bar.set_postfix_str(f"{done / max(time.perf_counter() - t0, 1e-9):.1f} images/s")
+            if since_checkpoint >= checkpoint_every:
+                index.save(partial)  # atomic; only then is the journal's content redundant
+                journal.start(model_version, dim)
+                since_checkpoint = 0
+    finally:
+        bar.close()
+    index.save(out)
+    partial.unlink(missing_ok=True)
+    journal.remove()
+    elapsed = time.perf_counter() - t0
+    stats = {"out": str(out), "items": len(index), "embedded": done, "recovered": replayed,
+             "skipped": skipped, "seconds": round(elapsed, 2),
+             "images_per_s": round(done / elapsed, 2) if elapsed > 0 and done else None,
+             "model_version": model_version, "dim": dim}
+    return stats
+
+
+def delete_items(out: Path, ids: Sequence[str]) -> int:
+    journal = out.with_name(out.name + ".journal")
+    if journal.exists():
+        raise ValueError(f"{out}: an interrupted indexing run is pending ({journal.name}); rerun it first")
+    index = load_index(out)
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise ValueError(f"{out}: {len(missing)} id(s) not in the index: {', '.join(missing[:5])}")
+    n = index.remove(ids)
+    index.save(out)
+    return n
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("catalogue", nargs="?", help="image folder, CSV/JSONL catalogue or Grocery dataset root")
+    p.add_argument("--out", required=True, type=Path, help="index file to write (e.g. catalogue.mindex)")
+    p.add_argument("--root", help="folder the catalogue's relative paths start from")
+    p.add_argument("--url", action="append", dest="urls",
+                   help="Triton URL; repeat to spread requests over replicas (default localhost:8000, "
+                        "or localhost:8001 with --protocol grpc)")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    p.add_argument("--add", action="store_true", help="add the catalogue's items missing from an existing index")
+    p.add_argument("--delete", nargs="+", metavar="ID", help="remove these ids from --out and exit")
+    p.add_argument("--backend", choices=("faiss", "milvus"), default="faiss")
+    p.add_argument("--kind", choices=("auto", "flat", "hnsw"), default="auto", help="faiss index kind")
+    p.add_argument("--milvus-uri", help="Milvus server URI, or a local milvus-lite file (backend milvus)")
+    p.add_argument("--collection", default="mildnet", help="Milvus collection (backend milvus)")
+    p.add_argument("--chunk", type=int, default=64, help="images per embed() call (requests in flight)")
+    p.add_argument("--checkpoint-every", type=int, default=2000, help="fold the journal into OUT.partial "
+                   "every N embedded items")
+    p.add_argument("--json", action="store_true", help="print the run's statistics as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.delete is None and not args.catalogue:
+        p.error("a CATALOGUE is needed (or --delete ID ...)")
+    if args.backend == "milvus" and not args.milvus_uri:
+        p.error("--backend milvus needs --milvus-uri")
+    if args.chunk < 1 or args.checkpoint_every < 1:
+        p.error("--chunk and --checkpoint-every must be >= 1")
+    args.urls = args.urls or (["localhost:8001"] if args.protocol == "grpc" else ["localhost:8000"])
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.delete is not None:
+            n = delete_items(args.out, args.delete)
+            print(f"removed {n} item(s) from {args.out}")
+            return EXIT_OK
+        entries = catalogue_entries(args.catalogue, args.root)
+        remote = _remote()
+        embedder = remote.TritonEmbedder(args.urls, protocol=args.protocol)
+        params = {"uri": args.milvus_uri, "collection": args.collection} if args.backend == "milvus" else {}
+        stats = build_index(entries, args.out, embedder, add=args.add, backend=args.backend,
+                            backend_params=params, kind=args.kind, chunk=args.chunk,
+                            checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+    except _server_errors_safe() as e:
+        print(f"index.py: server problem: {e}\n(progress so far is kept; rerun the same command to resume)",
+              file=sys.stderr)
+        return EXIT_SERVER
+    except (ValueError, RuntimeError, FileNotFoundError, IndexFileError) as e:
+        print(f"index.py: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("index.py: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print(f"{args.out}: {stats['items']} items (embedded {stats['embedded']}, recovered "
+              f"{stats['recovered']}, skipped {len(stats['skipped'])}) with {stats['model_version']} "
+              f"in {stats['seconds']} s" + (f", {stats['images_per_s']} images/s" if stats['images_per_s'] else ""))
+        for item_id in stats["skipped"]:
+            print(f"  skipped (bad image): {item_id}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _server_errors_safe() -> tuple[type, ...]:
+    try:
+        return _server_errors() or (ConnectionError,)
+    except ImportError:
+        return (ConnectionError,)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

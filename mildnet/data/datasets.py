@@ -1,0 +1,179 @@
+"""Decoded-image cache, the triplet dataset and batch embedding.
+
+JPEG decoding dominates a CPU epoch, so every image is decoded once (by :func:`mildnet.imageio.decode_image`,
+resized by the model's spec) into a ``uint8 Tensor[N, 3, S, S]`` kept in memory and on disk in the run folder.
+Unreadable images are reported and left out, never fatal.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..checkpoint import atomic_torch_save
+from ..imageio import ImageDecodeError, decode_image, image_to_tensor
+from ..spec import PreprocessSpec
+from .transforms import PaperAugment, normalize
+
+__all__ = ["decode_resized", "ImageCache", "TripletDataset", "embed_images", "embed_items", "stack_triplets"]
+
+
+def _pixels_spec(spec: PreprocessSpec) -> PreprocessSpec:
+    """The spec's geometry (size, resize mode, interpolation) with identity scaling: x / 255 in RGB."""
+    return spec.replace(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), colour="RGB")
+
+
+def decode_resized(path: str | os.PathLike, spec: PreprocessSpec, name: str | None = None) -> torch.Tensor:
+    """Decode one image and resize it as ``spec`` says: ``uint8 Tensor[3, S, S]`` RGB (raises ImageDecodeError)."""
+    x = image_to_tensor(decode_image(path, name=name), _pixels_spec(spec))  # (3, S, S) in [0, 1]
+    return (x * 255.0).round_().to(torch.uint8)
+
+
+class ImageCache:
+    """``uint8 Tensor[N, 3, S, S]`` of decoded, resized images with a path -> row index.
+
+    Built with :meth:`build`; saved (atomically) to ``cache_path`` and reused while the paths, their sizes and
+    modification times and the spec's geometry are unchanged.
+    """
+
+    def __init__(self, paths: list[Path], images: torch.Tensor, bad: list[str]):
+        self.paths, self.images, self.bad = paths, images, bad
+        self.index = {p: i for i, p in enumerate(paths)}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __contains__(self, path) -> bool:
+        return Path(path) in self.index
+
+    def rows(self, paths: Sequence[os.PathLike]) -> list[int]:
+        return [self.index[Path(p)] for p in paths]
+
+    @staticmethod
+    def _key(paths: Sequence[Path], spec: PreprocessSpec) -> str:
+        h = hashlib.sha256(json.dumps(_pixels_spec(spec).to_dict(), sort_keys=True).encode())
+        for p in paths:
+            try:
+                st = p.stat()
+                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p}\0missing\n".encode())
+        return h.hexdigest()
+
+    @classmethod
+    def build(cls, paths: Sequence[os.PathLike], spec: PreprocessSpec, cache_path: str | os.PathLike | None = None,
+              *, progress: bool = True) -> "ImageCache":
+        paths = list(dict.fromkeys(Path(p) for p in paths))  # unique, order kept
+        key = cls._key(paths, spec)
+        if cache_path is not None and Path(cache_path).is_file():
+            try:
+                blob = torch.load(cache_path, map_location="cpu", weights_only=True)
+                if blob.get("key") == key:
+                    return cls([Path(p) for p in blob["paths"]], blob["images"], list(blob["bad"]))
+            except Exception:  # a stale or damaged cache is rebuilt, never trusted
+                pass
+        from tqdm import tqdm
+
+        s = spec.input_size
+        images = torch.empty((len(paths), 3, s, s), dtype=torch.uint8)
+        good: list[Path] = []
+        bad: list[str] = []
+        for p in tqdm(paths, desc=f"decoding images ({s}px)", disable=not progress, leave=False):
+            try:
+                images[len(good)] = decode_resized(p, spec)
+                good.append(p)
+            except ImageDecodeError as e:
+                bad.append(str(e))
+        for msg in bad:
+            warnings.warn(f"skipping unreadable image: {msg}", stacklevel=2)
+        cache = cls(good, images[:len(good)].clone(), bad)
+        if cache_path is not None:
+            atomic_torch_save({"key": key, "paths": [str(p) for p in good], "images": cache.images, "bad": bad},
+                              cache_path)
+        return cache
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes, unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(np.asarray(parts, np.int64).tobytes(), digest_size=8).digest(),
+                          "little") >> 1
+
+
+class TripletDataset(Dataset):
+    """Triplets of cached images: item ``i`` is ``uint8 Tensor[3, 3, S, S]`` (query, positive, negative).
+
+    With ``augment``, each image gets its own random draw from a generator seeded by (seed, epoch, i): the
+    result depends on nothing else (not on worker count, process, or what ran before), which makes an
+    interrupted-and-resumed run identical to an uninterrupted one. Call :meth:`set_epoch` every epoch.
+    """
+
+    def __init__(self, cache: ImageCache, triplets: Sequence[tuple[os.PathLike, os.PathLike, os.PathLike]],
+                 augment: PaperAugment | None = None, seed: int = 0):
+        self.cache, self.augment, self.seed, self.epoch = cache, augment, seed, 0
+        rows = []
+        self.skipped = 0
+        for t in triplets:
+            if all(Path(x) in cache.index for x in t):
+                rows.append(cache.rows(t))
+            else:
+                self.skipped += 1  # a triplet touching an unreadable image
+        if not rows:
+            raise ValueError("no usable triplets (all of them refer to missing or unreadable images)")
+        self.rows = torch.tensor(rows, dtype=torch.long)  # (T, 3)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        imgs = self.cache.images[self.rows[i]]  # (3, 3, S, S) uint8
+        if self.augment is None:
+            return imgs
+        g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, i))
+        return torch.stack([self.augment(img, g) for img in imgs])
+
+
+def stack_triplets(batch: torch.Tensor) -> torch.Tensor:
+    """``Tensor[T, 3, C, S, S]`` (per-triplet q, p, n) -> ``Tensor[3T, C, S, S]`` laid out [q; p; n]."""
+    return batch.transpose(0, 1).reshape(-1, *batch.shape[2:])
+
+
+@torch.no_grad()
+def embed_images(model: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 64,
+                 device: str | torch.device = "cpu", progress: bool = False) -> np.ndarray:
+    """``uint8 Tensor[N, 3, S, S]`` -> ``float32 ndarray[N, D]`` with ``model`` in eval mode."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in tqdm(range(0, len(images), batch_size), desc="embedding", disable=not progress, leave=False):
+            x = normalize(images[start:start + batch_size].to(device), model.spec)
+            out.append(model(x).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, model.embedding_dim), np.float32)
+
+
+def embed_items(model: torch.nn.Module, items, *, batch_size: int = 64, device: str | torch.device = "cpu",
+                cache_path: str | os.PathLike | None = None, progress: bool = True) -> np.ndarray:
+    """Embed catalogue items (or paths) with ``model``: ``float32 ndarray[len(items), D]``; unreadable images
+    get a row of NaN (and a warning) so rows stay aligned with ``items``."""
+    paths = [Path(getattr(it, "path", it)) for it in items]
+    cache = ImageCache.build(paths, model.spec, cache_path, progress=progress)
+    emb = embed_images(model, cache.images, batch_size=batch_size, device=device, progress=progress)
+    out = np.full((len(paths), emb.shape[1]), np.nan, dtype=np.float32)
+    for i, p in enumerate(paths):
+        if p in cache.index:
+            out[i] = emb[cache.index[p]]
+    return out

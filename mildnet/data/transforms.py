@@ -1,0 +1,67 @@
+"""Training augmentation (the paper's, train only) and the uint8 -> model-input normalisation.
+
+Images travel as ``uint8 Tensor[3, S, S]`` (already resized by :mod:`mildnet.imageio` following the model's
+spec, see :mod:`mildnet.data.datasets`); :func:`normalize` turns a batch into the model's float input, so
+training, evaluation and serving see the same pixels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..spec import PreprocessSpec
+
+__all__ = ["PaperAugment", "normalize"]
+
+
+class PaperAugment:
+    """MILDNet's augmentation, one random draw per image: rotation +-30 deg, shear +-0.2 rad, zoom x and y
+    independently in [0.8, 1.2], horizontal and vertical flips with p=0.5 (the official Keras
+    ImageDataGenerator settings). Edges are filled with the nearest pixel, as Keras' default ``fill_mode``.
+
+    torchvision's ``RandomAffine`` zooms x and y by one shared factor, so the affine matrix is built here.
+    Call with ``uint8 Tensor[3, H, W]`` and a ``torch.Generator``; returns ``uint8 Tensor[3, H, W]``.
+    """
+
+    def __init__(self, rotation_deg: float = 30.0, shear_rad: float = 0.2, zoom: tuple[float, float] = (0.8, 1.2),
+                 hflip: float = 0.5, vflip: float = 0.5):
+        self.rotation = math.radians(rotation_deg)
+        self.shear, self.zoom, self.hflip, self.vflip = shear_rad, zoom, hflip, vflip
+
+    def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        u = torch.rand(6, generator=generator, dtype=torch.float64).tolist()
+        theta = (2 * u[0] - 1) * self.rotation
+        shear = (2 * u[1] - 1) * self.shear
+        lo, hi = self.zoom
+        zx, zy = lo + (hi - lo) * u[2], lo + (hi - lo) * u[3]
+        c, s = math.cos(theta), math.sin(theta)
+        # output -> input sampling matrix (normalised coords): rotation @ shear @ zoom
+        rot = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+        shr = torch.tensor([[1.0, -math.sin(shear)], [0.0, math.cos(shear)]], dtype=torch.float64)
+        zoom = torch.diag(torch.tensor([zx, zy], dtype=torch.float64))
+        a = rot @ shr @ zoom
+        if u[4] < self.hflip:
+            a[:, 0] = -a[:, 0]
+        if u[5] < self.vflip:
+            a[:, 1] = -a[:, 1]
+        mat = torch.cat([a, torch.zeros(2, 1, dtype=torch.float64)], dim=1).float().unsqueeze(0)  # (1, 2, 3)
+        x = img.unsqueeze(0).float()  # (1, 3, H, W)
+        grid = F.affine_grid(mat, list(x.shape), align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out.squeeze(0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def normalize(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """``uint8 Tensor[N, 3, S, S]`` (RGB) -> float model input: ``(x / 255 - mean) / std`` in the spec's colour
+    order, channels_last. Matches :func:`mildnet.imageio.image_to_tensor` exactly on the same pixels."""
+    x = images.float()
+    if spec.colour == "BGR":
+        x = x.flip(1)
+        mean, std = spec.mean[::-1], spec.std[::-1]
+    else:
+        mean, std = spec.mean, spec.std
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return ((x / 255.0 - mean_t) / std_t).contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,288 @@
+"""``mildnet eval``: triplet accuracy (the paper's metric), retrieval recall@k / mAP, a self-retrieval check,
+a per-class breakdown, a JSON report and an HTML page of queries with their top 5.
+
+The metrics are pure functions of rankings (:func:`recall_at_k`, :func:`average_precision`, ...), tested on
+hand-computed toy cases; :func:`rank` turns embeddings into rankings. Tasks on a catalogue with domains
+(e.g. Grocery): ``photo_to_catalogue`` (street photos of a split -> shop images, relevant = same item) and
+``photo_to_photo`` (street photos of a split among themselves, leave-one-out, relevant = same item). Without
+domains: ``item_to_item`` (leave-one-out over the split).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["recall_at_k", "average_precision", "mean_average_precision", "rank", "retrieval_metrics",
+           "evaluate_catalogue", "write_results_page", "configure_parser", "run"]
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def recall_at_k(relevance: Sequence[np.ndarray], k: int) -> float:
+    """Share of queries with at least one relevant item among their first ``k`` results.
+
+    ``relevance[q]`` is the ranked boolean relevance of query q's results. Queries with no relevant item at
+    all are left out (nothing could be found); NaN when no query is left.
+    """
+    hits = [bool(np.any(r[:k])) for r in relevance if np.any(r)]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def average_precision(relevance: np.ndarray) -> float:
+    """AP of one ranking: the mean, over relevant positions i (1-based), of precision@i. NaN if none relevant."""
+    r = np.asarray(relevance, dtype=bool)
+    if not r.any():
+        return float("nan")
+    positions = np.flatnonzero(r) + 1  # 1-based ranks of the relevant results
+    precision = np.arange(1, len(positions) + 1) / positions
+    return float(precision.mean())
+
+
+def mean_average_precision(relevance: Sequence[np.ndarray]) -> float:
+    aps = [average_precision(r) for r in relevance if np.any(r)]
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+def rank(queries: np.ndarray, gallery: np.ndarray, *, exclude: np.ndarray | None = None
+         ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Rank ``gallery[G, D]`` for each of ``queries[Q, D]`` by Euclidean distance (nearest first).
+
+    ``exclude[Q, G]`` (bool) removes pairs from the ranking (leave-one-out: a query's own image).
+    Returns per query the gallery indices in rank order and their distances.
+    """
+    q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
+    g = torch.as_tensor(np.asarray(gallery, dtype=np.float32))
+    d = torch.cdist(q, g).numpy()  # (Q, G)
+    orders, dists = [], []
+    for i in range(len(q)):
+        idx = np.argsort(d[i], kind="stable")
+        if exclude is not None:
+            idx = idx[~exclude[i, idx]]
+        orders.append(idx)
+        dists.append(d[i, idx])
+    return orders, dists
+
+
+def retrieval_metrics(orders: Sequence[np.ndarray], query_labels: Sequence[str], gallery_labels: Sequence[str],
+                      ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """recall@k and mAP overall and per query label, from rankings (relevant = same label)."""
+    g = np.asarray(gallery_labels)
+    relevance = [g[o] == ql for o, ql in zip(orders, query_labels)]
+    out = {f"recall@{k}": recall_at_k(relevance, k) for k in ks}
+    out["mAP"] = mean_average_precision(relevance)
+    out["queries"] = len(relevance)
+    out["queries_without_relevant"] = int(sum(not np.any(r) for r in relevance))
+    per: dict[str, list] = defaultdict(list)
+    for r, ql in zip(relevance, query_labels):
+        per[ql].append(r)
+    out["per_class"] = {c: {"queries": len(rs), "recall@1": recall_at_k(rs, 1), "AP": mean_average_precision(rs)}
+                        for c, rs in sorted(per.items())}
+    return out
+
+
+# --------------------------------------------------------------------------------------------- catalogue eval
+def _finite(x: np.ndarray) -> np.ndarray:
+    return np.isfinite(x).all(axis=1)
+
+
+def evaluate_catalogue(embeddings: np.ndarray, items: Sequence, split: str | None, *,
+                       ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Retrieval tasks on one split of a catalogue whose ``embeddings[i]`` belongs to ``items[i]``
+    (rows of NaN = unreadable image, left out). Returns ``{task: metrics}`` plus the rankings for the page."""
+    ok = _finite(embeddings)
+    in_split = [i for i, it in enumerate(items) if ok[i] and (split is None or it.split == split)]
+    street = [i for i in in_split if items[i].domain == "street"]
+    shop = [i for i, it in enumerate(items) if ok[i] and it.domain == "shop" and (it.split in (None, split))]
+    tasks: dict[str, dict] = {}
+    rankings: dict[str, tuple] = {}
+
+    def task(name: str, qs: list[int], gs: list[int], leave_one_out: bool) -> None:
+        if not qs or not gs:
+            return
+        exclude = (np.asarray(qs)[:, None] == np.asarray(gs)[None, :]) if leave_one_out else None
+        orders, dists = rank(embeddings[qs], embeddings[gs], exclude=exclude)
+        labels_q = [items[i].item_id for i in qs]
+        labels_g = [items[i].item_id for i in gs]
+        m = retrieval_metrics(orders, labels_q, labels_g, ks)
+        cats: dict[str, list] = defaultdict(list)
+        g = np.asarray(labels_g)
+        for o, i in zip(orders, qs):
+            cats[items[i].category].append(g[o] == items[i].item_id)
+        m["per_category"] = {c: {"queries": len(rs), "recall@1": recall_at_k(rs, 1)} for c, rs in sorted(cats.items())}
+        tasks[name] = m
+        rankings[name] = (qs, gs, orders, dists)
+
+    if street and shop:
+        task("photo_to_catalogue", street, shop, False)
+        task("photo_to_photo", street, street, True)
+        # self-retrieval: each catalogue image must find itself first (catches preprocessing mismatches)
+        orders, dists = rank(embeddings[shop], embeddings[shop])
+        tasks["self_retrieval"] = {"queries": len(shop),
+                                   "top1_is_self": float(np.mean([o[0] == k for k, o in enumerate(orders)])),
+                                   "max_self_distance": float(max(d[list(o).index(k)] for k, (o, d) in
+                                                                  enumerate(zip(orders, dists))))}
+    else:
+        task("item_to_item", in_split, in_split, True)
+        orders, dists = rank(embeddings[in_split], embeddings[in_split])
+        tasks["self_retrieval"] = {"queries": len(in_split),
+                                   "top1_is_self": float(np.mean([o[0] == k for k, o in enumerate(orders)]))}
+    return {"tasks": tasks, "rankings": rankings}
+
+
+# --------------------------------------------------------------------------------------------- results page
+def _thumb(image: torch.Tensor, size: int = 96) -> str:
+    from PIL import Image
+
+    img = Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB").resize((size, size), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def write_results_page(path: str | os.PathLike, title: str, items: Sequence, images: dict[int, torch.Tensor],
+                       ranking: tuple, *, n_queries: int = 24, top: int = 5, summary: dict | None = None) -> Path:
+    """An HTML page (self-contained, thumbnails inlined) of ``n_queries`` queries spread over the list, each
+    with its top ``top`` results framed green (same item) or red. Every text is HTML-escaped."""
+    qs, gs, orders, dists = ranking
+    esc = html.escape
+    picks = np.unique(np.linspace(0, len(qs) - 1, min(n_queries, len(qs))).round().astype(int))
+    rows = []
+    for k in picks:
+        qi = qs[k]
+        cells = [f'<td class="q"><img src="{_thumb(images[qi])}"><br><b>{esc(items[qi].item_id)}</b><br>'
+                 f'<small>{esc(items[qi].path.name)}</small></td>']
+        for r, (gj, d) in enumerate(zip(orders[k][:top], dists[k][:top]), 1):
+            gi = gs[gj]
+            right = items[gi].item_id == items[qi].item_id
+            cells.append(f'<td class="{"right" if right else "wrong"}"><img src="{_thumb(images[gi])}"><br>'
+                         f'{r}. {esc(items[gi].item_id)} {"&#10003;" if right else "&#10007;"}<br>'
+                         f'<small>d={d:.3f}</small></td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    head = "".join(f"<li>{esc(str(k))}: {esc(str(v))}</li>" for k, v in (summary or {}).items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title><style>
+body{{font-family:sans-serif}} td{{text-align:center;padding:4px;font-size:12px;vertical-align:top}}
+td.q{{background:#eef}} td.right img{{border:4px solid #2a2}} td.wrong img{{border:4px solid #d22}}
+</style></head><body><h1>{esc(title)}</h1><ul>{head}</ul>
+<table><tr><th>query</th>{"".join(f"<th>#{i}</th>" for i in range(1, top + 1))}</tr>{"".join(rows)}</table>
+</body></html>"""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a trained checkpoint (best.pt)")
+    src.add_argument("--model", help="a zoo model name (e.g. the zero-shot mobilenet_v1_gap)")
+    p.add_argument("--pretrained", action="store_true", help="with --model: ImageNet backbone weights")
+    p.add_argument("--input-size", type=int, help="with --model: input size")
+    p.add_argument("--catalogue", help="catalogue (CSV/JSONL/folder/Grocery dataset) for retrieval metrics")
+    p.add_argument("--root", help="root for the catalogue's relative paths")
+    p.add_argument("--allow-outside-root", action="store_true")
+    p.add_argument("--split", default="val", help="catalogue split whose photos are the queries (default val)")
+    p.add_argument("--triplets", help="triplet CSV for triplet accuracy (kinds from <name>.details.csv)")
+    p.add_argument("--image-root", help="folder the triplet paths are relative to (default: summary.json)")
+    p.add_argument("--out", required=True, help="folder for results.json and results.html")
+    p.add_argument("--page-queries", type=int, default=24, help="queries shown on the results page")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache", help="decoded-image cache file to reuse")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def evaluate(model: torch.nn.Module, *, catalogue=None, split: str | None = "val", triplets: str | None = None,
+             image_root: str | None = None, out: str | os.PathLike, root=None, allow_outside_root: bool = False,
+             page_queries: int = 24, batch_size: int = 64, device: str = "cpu", cache: str | None = None,
+             progress: bool = True, label: str | None = None) -> dict:
+    """Everything ``mildnet eval`` reports, for an in-memory model; writes results.json (+ results.html)."""
+    from .data.catalogue import load_catalogue
+    from .data.datasets import ImageCache, embed_images
+    from .data.triplets import read_triplets
+    from .train import triplet_metrics
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    items = []
+    if catalogue is not None:
+        items = catalogue if isinstance(catalogue, list) else load_catalogue(
+            catalogue, root=root, allow_outside_root=allow_outside_root)
+    trip_rows, kinds = ([], None)
+    if triplets:
+        trip_rows, kinds = read_triplets(triplets, image_root, allow_outside_root=allow_outside_root)
+    needed = [it.path for it in items if split is None or it.split in (split, None)] + \
+        [p for t in trip_rows for p in t]
+    if not needed:
+        raise ValueError("nothing to evaluate: give --catalogue and/or --triplets")
+    img_cache = ImageCache.build(needed, model.spec, cache, progress=progress)
+    emb_all = embed_images(model, img_cache.images, batch_size=batch_size, device=device, progress=progress)
+    report: dict = {"model": label or getattr(model, "variant", "?"), "split": split,
+                    "input_size": model.spec.input_size, "embedding_dim": int(model.embedding_dim),
+                    "unreadable_images": img_cache.bad}
+    if trip_rows:
+        usable = [i for i, t in enumerate(trip_rows) if all(p in img_cache for p in t)]
+        rows = torch.tensor([img_cache.rows(trip_rows[i]) for i in usable], dtype=torch.long)
+        report["triplets"] = triplet_metrics(emb_all, rows, kinds=[kinds[i] for i in usable] if kinds else None)
+    if items:
+        nan = np.full((len(items), emb_all.shape[1]), np.nan, np.float32)
+        for i, it in enumerate(items):
+            if it.path in img_cache:
+                nan[i] = emb_all[img_cache.index[it.path]]
+        res = evaluate_catalogue(nan, items, split)
+        report["retrieval"] = res["tasks"]
+        main_task = next((t for t in ("photo_to_catalogue", "item_to_item") if t in res["rankings"]), None)
+        if main_task and page_queries > 0:
+            ranking = res["rankings"][main_task]
+            shown = set(ranking[0]) | set(ranking[1])
+            images = {i: img_cache.images[img_cache.index[items[i].path]] for i in shown}
+            summary = {"model": report["model"], "task": main_task, "split": split,
+                       **{k: f"{v:.4f}" for k, v in res["tasks"][main_task].items() if k.startswith(("recall", "mAP"))}}
+            write_results_page(out / "results.html", f"{report['model']}: {main_task}", items, images, ranking,
+                               n_queries=page_queries, summary=summary)
+            report["results_page"] = str(out / "results.html")
+    report["seconds"] = round(time.time() - t0, 2)
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=float))
+    os.replace(tmp, out / "results.json")
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    from .models import create, load_checkpoint
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.checkpoint:
+        model = load_checkpoint(args.checkpoint)
+        label = f"{model.variant} ({args.checkpoint})"
+    else:
+        kw = {"input_size": args.input_size} if args.input_size else {}
+        model = create(args.model, pretrained=args.pretrained, **kw).eval()
+        label = args.model + (" (pretrained)" if args.pretrained else "")
+    model.to(device)
+    rep = evaluate(model, catalogue=args.catalogue, split=args.split, triplets=args.triplets,
+                   image_root=args.image_root, out=args.out, root=args.root,
+                   allow_outside_root=args.allow_outside_root, page_queries=args.page_queries,
+                   batch_size=args.batch_size, device=device, cache=args.cache, progress=not args.no_progress,
+                   label=label)
+    if "triplets" in rep:
+        t = rep["triplets"]
+        print(f"triplet accuracy {t['accuracy']:.4f} on {t['triplets']} triplets "
+              + " ".join(f"{k[9:]}={v:.4f}" for k, v in t.items() if k.startswith("accuracy_")))
+    for name, m in rep.get("retrieval", {}).items():
+        print(f"{name}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items()
+                                     if isinstance(v, float) and not k.startswith("max")))
+    print(f"wrote {Path(args.out) / 'results.json'}")
+    return 0

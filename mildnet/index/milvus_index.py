@@ -1,0 +1,161 @@
+"""Milvus backend: for catalogues that outgrow one machine.
+
+``uri`` is a Milvus server or cluster (``http://milvus:19530``) in production, or a local milvus-lite file
+(``./catalogue.db``) in tests and small setups. One collection per index: primary key ``id`` (VARCHAR),
+``vector`` (FLOAT_VECTOR[D], metric IP) and ``metadata`` (JSON). The model version, dim and the metadata keys
+seen so far live in the collection's properties, so a second writer with another model is refused too.
+
+``save(path)`` writes a small descriptor through :mod:`mildnet.index.store` (same header, checksum and atomic
+write as a FAISS index, no vectors: they live in Milvus), so ``load_index(path)`` reconnects. Credentials are
+never written: set ``MILVUS_TOKEN`` in the environment.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Hit, Index, IndexFileError, ModelVersionError
+from .store import IndexPayload, write_index_file
+
+DEFAULT_COLLECTION = "mildnet"
+INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX")
+_MV_KEY, _DIM_KEY, _KEYS_KEY = "mildnet.model_version", "mildnet.dim", "mildnet.metadata_keys"
+_BATCH = 1000
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+
+
+def _client(uri: str):
+    try:
+        from pymilvus import MilvusClient
+    except ImportError:
+        raise RuntimeError("the Milvus backend needs pymilvus (and milvus-lite for a local file): "
+                           "pip install pymilvus milvus-lite") from None
+    try:
+        return MilvusClient(uri, token=os.environ.get("MILVUS_TOKEN", ""))
+    except Exception as e:  # pymilvus raises its own types for connection failures
+        raise RuntimeError(f"cannot open Milvus at {uri!r}: {str(e)[:300]}") from None
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri
+
+
+def _literal(value: Any) -> str:
+    """A Milvus expression literal for a filter value (JSON quoting matches Milvus' string escapes)."""
+    if isinstance(value, bool) or isinstance(value, (int, float, str)):
+        return json.dumps(value, ensure_ascii=False)
+    raise ValueError(f"filter values must be strings, numbers or booleans for Milvus, got {type(value).__name__}")
+
+
+class MilvusIndex(Index):
+    """Top-k inner-product search in a Milvus collection (see module docstring)."""
+
+    backend = "milvus"
+
+    def __init__(self, dim: int, *, model_version: str, uri: str, collection: str = DEFAULT_COLLECTION,
+                 index_type: str = "FLAT", metric: str = "ip", kind: str = "auto") -> None:
+        super().__init__(dim, model_version=model_version, metric=metric)
+        if not _NAME.match(collection):
+            raise ValueError(f"Milvus collection name {collection!r} must be letters, digits and _")
+        if index_type not in INDEX_TYPES:
+            raise ValueError(f"Milvus index_type {index_type!r} is not one of {INDEX_TYPES}")
+        if _is_local(uri):
+            uri = str(Path(uri).resolve())
+        self.uri, self.collection, self.index_type, self.kind = uri, collection, index_type, kind
+        self._c = _client(uri)
+        if self._c.has_collection(collection):
+            props = self._c.describe_collection(collection).get("properties", {})
+            if props.get(_MV_KEY) != model_version:
+                raise ModelVersionError(f"Milvus collection {collection!r} at {uri} holds embeddings of model "
+                                        f"version {props.get(_MV_KEY)!r}, not {model_version!r}")
+            if int(props.get(_DIM_KEY, -1)) != self.dim:
+                raise ValueError(f"Milvus collection {collection!r} has dim {props.get(_DIM_KEY)}, not {self.dim}")
+            self._keys = set(json.loads(props.get(_KEYS_KEY, "[]")))
+        else:
+            self._create()
+            self._keys = set()
+
+    def _create(self) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+        schema.add_field("metadata", DataType.JSON)
+        params = self._c.prepare_index_params()
+        params.add_index(field_name="vector", index_type=self.index_type, metric_type="IP")
+        self._c.create_collection(self.collection, schema=schema, index_params=params,
+                                  properties={_MV_KEY: self.model_version, _DIM_KEY: str(self.dim),
+                                              _KEYS_KEY: "[]"})
+
+    def close(self) -> None:
+        self._c.close()
+
+    def drop(self) -> None:
+        """Delete the whole collection (irreversible)."""
+        self._c.drop_collection(self.collection)
+
+    # ---- Index interface -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._c.get_collection_stats(self.collection)["row_count"])
+
+    def __contains__(self, item_id: object) -> bool:
+        return isinstance(item_id, str) and bool(self._c.query(self.collection, ids=[item_id], output_fields=["id"]))
+
+    def ids(self) -> list[str]:
+        out: list[str] = []
+        it = self._c.query_iterator(self.collection, batch_size=_BATCH, filter="", output_fields=["id"])
+        while batch := it.next():
+            out.extend(r["id"] for r in batch)
+        it.close()
+        return out
+
+    def metadata_keys(self) -> set[str]:
+        return set(self._keys)
+
+    def _add(self, ids: list[str], vectors: np.ndarray, metadata: list[dict]) -> None:
+        for start in range(0, len(ids), _BATCH):
+            rows = [{"id": i, "vector": v.tolist(), "metadata": m}
+                    for i, v, m in zip(ids[start:start + _BATCH], vectors[start:start + _BATCH],
+                                       metadata[start:start + _BATCH])]
+            self._c.insert(self.collection, rows)
+        new_keys = {k for m in metadata for k in m} - self._keys
+        if new_keys:
+            self._keys |= new_keys
+            self._c.alter_collection_properties(self.collection, properties={_KEYS_KEY: json.dumps(sorted(self._keys))})
+
+    def _remove(self, ids: list[str]) -> None:
+        self._c.delete(self.collection, ids=ids)
+
+    def _search(self, queries: np.ndarray, k: int, filter: dict | None) -> list[list[Hit]]:
+        expr = " and ".join(f"metadata[{json.dumps(key)}] == {_literal(v)}" for key, v in (filter or {}).items())
+        res = self._c.search(self.collection, data=queries.tolist(), limit=k, filter=expr,
+                             output_fields=["metadata"], search_params={"metric_type": "IP"})
+        return [[Hit(str(r["id"]), float(r["distance"]), dict(r["entity"].get("metadata") or {})) for r in row]
+                for row in res]
+
+    # ---- persistence (a descriptor: the vectors live in Milvus) --------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "uri": self.uri, "collection": self.collection, "index_type": self.index_type}
+
+    def save(self, path) -> None:
+        header = {"backend": self.backend, "kind": self.kind, "metric": self.metric, "dim": self.dim,
+                  "model_version": self.model_version, "ids": [], "metadata": [],
+                  "milvus": {"uri": self.uri, "collection": self.collection, "index_type": self.index_type,
+                             "count_at_save": len(self)}}
+        write_index_file(path, IndexPayload(header=header, vectors=np.zeros((0, self.dim), np.float32)))
+
+    @classmethod
+    def from_payload(cls, payload: IndexPayload, source: str = "index") -> "MilvusIndex":
+        h = payload.header
+        m = h.get("milvus")
+        if not isinstance(m, dict) or "uri" not in m:
+            raise IndexFileError(f"{source}: Milvus index descriptor lacks the 'milvus' uri/collection section")
+        return cls(int(h["dim"]), model_version=h["model_version"], uri=m["uri"],
+                   collection=m.get("collection", DEFAULT_COLLECTION), index_type=m.get("index_type", "FLAT"),
+                   metric=h.get("metric", "ip"), kind=h.get("kind", "auto"))

@@ -1,0 +1,142 @@
+"""The MILDNet head and the common face of every zoo model.
+
+MILDNet (Vishvakarma 2019) = one CNN whose intermediate maps ("taps") are global-average-pooled and
+concatenated with the last map (``mildnet.ops.gap_concat``), then a small dense head and L2 normalisation.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import gap_concat
+from ..spec import PreprocessSpec
+
+
+class ModelInputError(ValueError):
+    """A tensor given to a model has the wrong shape or size; the message says what was expected."""
+
+
+class DenseHead(nn.Sequential):
+    """``Tensor[N, in_dim]`` -> ``Tensor[N, dim]``: Dense+ReLU -> Dropout -> Dense+ReLU (not normalised).
+
+    The paper's head: 2048/0.6 (MILDNet-VGG), 512/no dropout (MILDNet-512), 1024/0.5 (MILDNet-Mobile).
+    """
+
+    def __init__(self, in_dim: int, dim: int, dropout: float):
+        super().__init__(nn.Linear(in_dim, dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                         nn.Linear(dim, dim), nn.ReLU(inplace=True))
+
+
+class ZooModel(nn.Module):
+    """What every registry model offers (see the models contract).
+
+    Attributes: ``variant`` (registry name), ``model_kwargs`` (JSON-able kwargs that rebuild it through
+    ``mildnet.models.create``), ``spec`` (:class:`PreprocessSpec`), ``embedding_dim``, ``min_input_size``.
+    ``forward(Tensor[N, 3, S, S]) -> Tensor[N, D]`` unit vectors. Computation runs in channels_last
+    (about twice the conv throughput of NCHW on CPU); outputs are ordinary [N, D] tensors.
+    """
+
+    variant: str = ""
+    model_kwargs: dict[str, Any]
+    spec: PreprocessSpec
+    embedding_dim: int
+    min_input_size: int = 32
+
+    def _finish(self, variant: str, spec: PreprocessSpec, model_kwargs: dict[str, Any]) -> None:
+        """Call at the end of a subclass ``__init__``: set the contract attributes, go channels_last."""
+        self.variant, self.spec, self.model_kwargs = variant, spec, dict(model_kwargs)
+        if spec.input_size < self.min_input_size:
+            raise ModelInputError(f"{variant}: input_size {spec.input_size} is below the minimum "
+                                  f"{self.min_input_size} this network allows")
+        self.to(memory_format=torch.channels_last)
+
+    # -- frozen layers -------------------------------------------------------------------------------
+    def frozen_modules(self) -> list[nn.Module]:
+        return getattr(self, "_frozen", [])
+
+    def freeze(self, modules: list[nn.Module]) -> None:
+        """``requires_grad=False`` on these modules' parameters; their BatchNorms also stay in eval mode."""
+        self._frozen = list(modules)
+        for m in self._frozen:
+            for p in m.parameters():
+                p.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ZooModel":
+        super().train(mode)
+        for m in self.frozen_modules():  # frozen BN must not drift with training batch statistics
+            for bn in m.modules():
+                if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                    bn.eval()
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters training should optimise (frozen layers excluded)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    # -- input checks and inference ------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Refuse anything but a float ``Tensor[N, 3, H, W]`` with H, W >= ``min_input_size``."""
+        if not isinstance(x, torch.Tensor):
+            raise ModelInputError(f"{self.variant}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ModelInputError(f"{self.variant}: expected an image batch Tensor[N, 3, H, W] (RGB), got shape "
+                                  f"{tuple(x.shape)}" + (f" with {x.shape[1]} channels" if x.dim() == 4 else ""))
+        if not x.is_floating_point():
+            raise ModelInputError(f"{self.variant}: expected a float tensor preprocessed with model.spec, "
+                                  f"got {x.dtype}")
+        h, w = x.shape[-2:]
+        if h < self.min_input_size or w < self.min_input_size:
+            raise ModelInputError(f"{self.variant}: image {h}x{w} is smaller than the {self.min_input_size}x"
+                                  f"{self.min_input_size} this network allows (spec input size "
+                                  f"{self.spec.input_size})")
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode, no-grad forward: ``Tensor[N, 3, S, S]`` -> unit ``Tensor[N, D]``."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(x)
+        finally:
+            self.train(was_training)
+
+
+class MILDNet(ZooModel):
+    """Backbone taps -> GAP + concat -> optional dense head -> L2.
+
+    ``backbone`` offers ``forward_taps(x, names) -> list[Tensor]``, ``tap_channels``, ``units()`` and
+    ``min_input_size``. ``taps`` must end with ``"last"`` (the final map always reaches the head). With
+    ``head_dim=None`` the pooled concat is the embedding (the zero-shot GAP baselines). The first
+    ``frozen_units`` of ``backbone.units()`` are frozen.
+    """
+
+    def __init__(self, backbone: nn.Module, taps: tuple[str, ...], head_dim: int | None, dropout: float, *,
+                 variant: str, spec: PreprocessSpec, model_kwargs: dict[str, Any], frozen_units: int):
+        super().__init__()
+        unknown = [t for t in taps if t not in backbone.tap_channels]
+        if unknown or not taps or taps[-1] != "last":
+            raise ValueError(f"{variant}: taps {taps} must be names from {list(backbone.tap_channels)} ending "
+                             "with 'last'")
+        self.backbone, self.taps = backbone, tuple(taps)
+        self.min_input_size = backbone.min_input_size
+        self.pooled_dim = sum(backbone.tap_channels[t] for t in taps)
+        self.head = DenseHead(self.pooled_dim, head_dim, dropout) if head_dim else None
+        self.embedding_dim = head_dim or self.pooled_dim
+        units = backbone.units()
+        self.freeze(units[:frozen_units])  # requires_grad=False from the input up
+        self._finish(variant, spec, model_kwargs)
+
+    def tap_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The tapped maps ``[Tensor[N, C_k, H_k, W_k]]`` for an input batch (for inspection/tests)."""
+        return self.backbone.forward_taps(self.check_input(x), self.taps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``Tensor[N, 3, S, S]`` (preprocessed with ``self.spec``) -> unit ``Tensor[N, embedding_dim]``."""
+        pooled = gap_concat(self.tap_maps(x), l2_normalize=False)  # (N, sum C_k)
+        z = self.head(pooled) if self.head is not None else pooled  # (N, D)
+        return F.normalize(z, dim=1)

@@ -1,0 +1,265 @@
+"""The Python client of a mildnet Triton server (HTTP or gRPC), used by client/ scripts, tests and benches.
+
+    with TritonEmbedder(["127.0.0.1:8000", "10.0.0.2:8000"]) as remote:
+        vectors = remote.embed([jpeg_bytes, png_bytes])          # np.ndarray[N, D], unit rows
+        hits = remote.similar(jpeg_bytes, k=5, filter={"category": "Apple"})
+        remote.model_info()                                      # version, dim, spec, model_version
+
+Each image is its own request, so the server's dynamic batcher (not the client) forms batches; up to
+``concurrency`` requests are in flight at once from a thread pool with one tritonclient per thread and URL
+(the HTTP client is not thread-safe), and consecutive requests go round-robin over the URLs.
+
+Errors: :class:`ServerUnavailable` (cannot connect), :class:`ModelNotReady` (server up, model not loaded),
+:class:`RemoteInferenceError` (the server refused one request: its message says why, e.g. a corrupt JPEG).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+PROTOCOLS = ("http", "grpc")
+
+
+class ServerUnavailable(ConnectionError):
+    """No Triton server answers at the URL."""
+
+
+class ModelNotReady(RuntimeError):
+    """The server answers but the model is not loaded (not exported yet, failed to load, or loading)."""
+
+
+class RemoteInferenceError(ValueError):
+    """The server refused one request (bad image, bad k, ...); ``index`` is its position in the call, if any."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+@dataclass(frozen=True)
+class RemoteModelInfo:
+    model: str
+    version: int
+    variant: str
+    embedding_dim: int
+    spec: Any  # mildnet.spec.PreprocessSpec
+    model_version: str  # what an index built from these embeddings must record
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "version": self.version, "variant": self.variant,
+                "embedding_dim": self.embedding_dim, "spec": self.spec.to_dict(), "model_version": self.model_version}
+
+
+def _modules(protocol: str):
+    if protocol == "http":
+        import tritonclient.http as client
+    elif protocol == "grpc":
+        import tritonclient.grpc as client
+    else:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    from tritonclient.utils import InferenceServerException
+
+    return client, InferenceServerException
+
+
+_UNREACHABLE = ("failed to connect", "connection refused", "unavailable", "connect failed", "deadline exceeded",
+                "name resolution", "no route to host", "connection reset")
+_NOT_READY = ("is not found", "unknown model", "is not ready", "not available", "no version is available",
+              "failed to load")
+
+
+def _classify(exc: Exception, url: str, model: str, index: int | None = None) -> Exception:
+    """A tritonclient / socket exception -> one of this module's clear errors."""
+    if isinstance(exc, (ServerUnavailable, ModelNotReady, RemoteInferenceError)):
+        return exc
+    text = str(exc.message() if hasattr(exc, "message") and callable(exc.message) else exc) or type(exc).__name__
+    low = text.lower()
+    status = str(getattr(exc, "status", lambda: "")() or "").lower() if hasattr(exc, "status") else ""
+    if isinstance(exc, OSError) or any(s in low for s in _UNREACHABLE) or "unavailable" in status:
+        return ServerUnavailable(f"cannot reach Triton at {url}: {text}")
+    if any(s in low for s in _NOT_READY) and "ensemble" not in low:
+        return ModelNotReady(f"model {model!r} is not ready on {url}: {text}")
+    where = f"image {index}: " if index is not None else ""
+    return RemoteInferenceError(f"{where}{text}", index)
+
+
+class TritonEmbedder:
+    """Embeddings and visual search from one or more mildnet Triton servers."""
+
+    def __init__(self, urls: str | Sequence[str], protocol: str = "http", *, model: str = "mildnet_ensemble",
+                 embedding_model: str = "mildnet", similar_model: str = "similar", concurrency: int = 8,
+                 timeout: float = 120.0):
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError("TritonEmbedder needs at least one server URL (host:port)")
+        self.urls = [u.split("://", 1)[-1].rstrip("/") for u in self.urls]  # tritonclient wants host:port
+        self.protocol = protocol
+        self._client_mod, self._exc = _modules(protocol)
+        self.model, self.embedding_model, self.similar_model = model, embedding_model, similar_model
+        self.concurrency = max(1, int(concurrency))
+        self.timeout = timeout
+        self._local = threading.local()
+        self._next_url = itertools.count()
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    # -- plumbing -----------------------------------------------------------------------------------------------
+    def _client(self, url: str):
+        clients = self._local.__dict__.setdefault("clients", {})
+        if url not in clients:
+            if self.protocol == "http":
+                clients[url] = self._client_mod.InferenceServerClient(
+                    url, connection_timeout=self.timeout, network_timeout=self.timeout)
+            else:
+                clients[url] = self._client_mod.InferenceServerClient(url)
+        return clients[url]
+
+    def _pick_url(self) -> str:
+        return self.urls[next(self._next_url) % len(self.urls)]
+
+    def infer(self, model: str, inputs: list[tuple[str, np.ndarray, str]], outputs: list[str],
+              url: str | None = None, index: int | None = None) -> dict[str, np.ndarray]:
+        """One request to any model: ``inputs`` = (name, array, Triton dtype) -> {output name: array}."""
+        url = url or self._pick_url()
+        mod = self._client_mod
+        try:
+            tensors = []
+            for name, array, dtype in inputs:
+                t = mod.InferInput(name, list(array.shape), dtype)
+                t.set_data_from_numpy(array)
+                tensors.append(t)
+            requested = [mod.InferRequestedOutput(o) for o in outputs]
+            kw = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+            result = self._client(url).infer(model, tensors, outputs=requested, **kw)
+            return {o: result.as_numpy(o) for o in outputs}
+        except Exception as e:  # noqa: BLE001 - re-raised as one of our clear errors
+            raise _classify(e, url, model, index) from None
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="mildnet-remote")
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def __enter__(self) -> "TritonEmbedder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- API ------------------------------------------------------------------------------------------------------
+    def is_ready(self) -> bool:
+        """True when every URL answers and has the embedding pipeline loaded."""
+        try:
+            return all(self._client(u).is_model_ready(self.model) for u in self.urls)
+        except Exception:  # noqa: BLE001 - unreachable means not ready
+            return False
+
+    def embed_one(self, image: bytes, url: str | None = None, index: int | None = None) -> np.ndarray:
+        """One encoded image -> ``np.ndarray[D]``."""
+        batch = np.array([[bytes(image)]], dtype=object)  # (1, 1) TYPE_STRING
+        return self.infer(self.model, [("IMAGE", batch, "BYTES")], ["EMBEDDING"], url, index)["EMBEDDING"][0]
+
+    def embed_each(self, images: Sequence[bytes]) -> list[np.ndarray | RemoteInferenceError]:
+        """Like :meth:`embed` but per image: a vector or the error that image got (server errors still raise)."""
+        def one(i_img):
+            i, img = i_img
+            try:
+                return self.embed_one(img, self.urls[i % len(self.urls)], i)
+            except RemoteInferenceError as e:
+                return e
+
+        return list(self._executor().map(one, enumerate(images)))
+
+    def embed(self, images: Sequence[bytes]) -> np.ndarray:
+        """Encoded images -> ``np.ndarray[N, D]`` float32, many requests in flight; the first bad image raises."""
+        if len(images) == 0:
+            raise ValueError("embed() needs at least one image")
+        out = self.embed_each(images)
+        for r in out:
+            if isinstance(r, RemoteInferenceError):
+                raise r
+        return np.stack(out).astype(np.float32, copy=False)
+
+    def similar(self, image: bytes, k: int = 10, filter: dict | None = None) -> list:
+        """One query image -> up to ``k`` :class:`mildnet.index.Hit` (id, score, metadata), best first."""
+        from .index import Hit
+
+        inputs = [("IMAGE", np.array([[bytes(image)]], dtype=object), "BYTES"),
+                  ("K", np.array([[int(k)]], dtype=np.int32), "INT32")]
+        if filter:
+            inputs.append(("FILTER", np.array([[json.dumps(filter).encode()]], dtype=object), "BYTES"))
+        out = self.infer(self.similar_model, inputs, ["IDS", "SCORES", "METADATA"])
+        hits = []
+        for id_, score, meta in zip(out["IDS"][0], out["SCORES"][0], out["METADATA"][0]):
+            if not id_:  # padding: a filter left fewer than k matches
+                continue
+            hits.append(Hit(id_.decode() if isinstance(id_, bytes) else str(id_), float(score),
+                            json.loads(meta) if meta else {}))
+        return hits
+
+    def model_info(self, url: str | None = None) -> RemoteModelInfo:
+        """What the server serves: version, embedding dim, preprocessing spec, model_version (from the export)."""
+        from .spec import PreprocessSpec
+
+        url = url or self.urls[0]
+        try:
+            client = self._client(url)
+            if not client.is_model_ready(self.embedding_model):
+                raise ModelNotReady(f"model {self.embedding_model!r} is not ready on {url}")
+            meta = client.get_model_metadata(self.embedding_model)
+            config = client.get_model_config(self.embedding_model)
+        except Exception as e:  # noqa: BLE001
+            raise _classify(e, url, self.embedding_model) from None
+        if self.protocol == "grpc":
+            from google.protobuf.json_format import MessageToDict
+
+            meta = MessageToDict(meta, preserving_proto_field_name=True)
+            config = MessageToDict(config, preserving_proto_field_name=True).get("config", {})
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        if "model_version" not in params:
+            raise ModelNotReady(f"model {self.embedding_model!r} on {url} was not exported by `mildnet export` "
+                                "(its config has no model_version parameter)")
+        versions = [int(v) for v in meta.get("versions", [])]
+        return RemoteModelInfo(model=self.embedding_model, version=max(versions) if versions else 0,
+                               variant=params["variant"], embedding_dim=int(params["embedding_dim"]),
+                               spec=PreprocessSpec.from_json(params["spec"]), model_version=params["model_version"])
+
+
+# -- metrics ------------------------------------------------------------------------------------------------------
+def model_metrics(metrics_url: str, model: str) -> dict[str, float]:
+    """Triton's Prometheus counters for one model, summed over versions.
+
+    Keys: ``inference_count`` (images), ``exec_count`` (forward passes), ``queue_us``, ``compute_infer_us``,
+    ``request_success``, ``request_failure``. Average batch = inference_count / exec_count.
+    """
+    import urllib.request
+
+    names = {"nv_inference_count": "inference_count", "nv_inference_exec_count": "exec_count",
+             "nv_inference_queue_duration_us": "queue_us",
+             "nv_inference_compute_infer_duration_us": "compute_infer_us",
+             "nv_inference_request_success": "request_success", "nv_inference_request_failure": "request_failure"}
+    url = metrics_url if metrics_url.startswith("http") else f"http://{metrics_url}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out = dict.fromkeys(names.values(), 0.0)
+    for line in text.splitlines():
+        if line.startswith("#") or "{" not in line:
+            continue
+        metric, rest = line.split("{", 1)
+        labels, _, value = rest.rpartition("}")
+        if metric in names and f'model="{model}"' in labels:
+            out[names[metric]] += float(value)
+    return out

@@ -1,0 +1,345 @@
+"""Find, assemble and launch Triton Inference Server on a model repository; readiness; clean shutdown.
+
+``tritonserver`` is taken from PATH (NVIDIA's container) or else from the ``nvidia-pytriton`` wheel, which
+ships a complete Triton 2.51 but no ready-to-use backend folder: we assemble one under
+``build/triton/backends/python`` with the wheel's ``libtriton_python.so``, ``triton_python_backend_utils.py``
+and the Python stub built for the running interpreter, so ``model.py`` files run in this venv's Python and
+can import ``mildnet`` and ``torch``.
+
+    with TritonServer("model_repository") as server:   # free ports, log file, waits until ready
+        print(server.http_url, server.grpc_url, server.metrics_url)
+
+``mildnet serve`` is the command-line face: it binds 127.0.0.1 unless ``--host`` says otherwise, prints the
+endpoints and stops the server cleanly on SIGTERM or Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import site
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUILD_DIR = PROJECT_ROOT / "build" / "triton"
+LOG_TAIL_LINES = 40
+
+
+class ServerStartError(RuntimeError):
+    """Triton could not be found or did not become ready; the message carries the tail of its log."""
+
+
+@dataclass(frozen=True)
+class TritonInstallation:
+    """Where the server binary, its backends and its shared libraries live."""
+
+    binary: Path
+    backend_dir: Path | None  # None: the binary's own default (NVIDIA's container)
+    library_path: list[Path]
+    source: str  # "PATH" or "nvidia-pytriton wheel"
+
+
+def _pytriton_root() -> Path | None:
+    try:
+        import pytriton  # noqa: F401  (only to locate the wheel's files)
+    except ImportError:
+        return None
+    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    return root if (root / "bin" / "tritonserver").is_file() else None
+
+
+def _python_libdir() -> list[Path]:
+    """The running interpreter's libpython folder, so the stub embeds the same Python as this venv."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    soname = sysconfig.get_config_var("INSTSONAME") or ""
+    if libdir and soname and (Path(libdir) / soname).exists():
+        return [Path(libdir)]
+    return []
+
+
+def assemble_python_backend(build_dir: Path = DEFAULT_BUILD_DIR) -> Path:
+    """Copy the wheel's Python backend plus the stub for this interpreter into ``build_dir/backends/python``.
+
+    Returns the backend directory to pass as ``--backend-directory``. Idempotent: files are only copied
+    when missing or changed (size/mtime), and each copy is atomic so a concurrent start never sees half a file.
+    """
+    root = _pytriton_root()
+    if root is None:
+        raise ServerStartError("tritonserver is not on PATH and the nvidia-pytriton wheel is not installed "
+                               "(pip install nvidia-pytriton==0.7.0)")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerStartError(f"the nvidia-pytriton wheel has no Python backend stub for Python {version} "
+                               f"(looked for {stub})")
+    target = build_dir / "backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    sources = [root / "backends" / "python" / "libtriton_python.so",
+               root / "backends" / "python" / "triton_python_backend_utils.py", stub]
+    for src in sources:
+        dst = target / src.name
+        s = src.stat()
+        if dst.exists() and dst.stat().st_size == s.st_size and dst.stat().st_mtime >= s.st_mtime:
+            continue
+        fd, tmp = tempfile.mkstemp(dir=target, prefix=f".{src.name}.")
+        os.close(fd)
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    return target.parent
+
+
+def find_tritonserver(build_dir: Path = DEFAULT_BUILD_DIR) -> TritonInstallation:
+    """``tritonserver`` from PATH (NVIDIA's container), else from the nvidia-pytriton wheel."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonInstallation(Path(on_path), None, [], "PATH")
+    backend_dir = assemble_python_backend(build_dir)
+    root = _pytriton_root()
+    assert root is not None
+    libs = root.parents[1] / "nvidia_pytriton.libs"
+    return TritonInstallation(root / "bin" / "tritonserver", backend_dir, _python_libdir() + [libs],
+                              "nvidia-pytriton wheel")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free right now (a tiny race remains; start() retries once on 'address in use')."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _server_env(installation: TritonInstallation) -> dict[str, str]:
+    """Environment for the server and its Python stubs: find its libraries, import mildnet and the venv."""
+    env = dict(os.environ)
+    if installation.library_path:
+        parts = [str(p) for p in installation.library_path] + [env.get("LD_LIBRARY_PATH", "")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in parts if p)
+    # The stub embeds libpython but not this venv: hand it the project root and the venv's site-packages.
+    paths = [str(PROJECT_ROOT)] + site.getsitepackages() + [env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    return env
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+class TritonServer:
+    """A tritonserver process on a model repository; a context manager for tests, benches and ``mildnet serve``.
+
+    Ports given as 0 are picked free. ``model_control_mode="poll"`` (the default) makes the server pick up
+    versions that ``mildnet export`` writes while it runs; ``"none"`` loads once.
+    """
+
+    def __init__(self, repository: str | os.PathLike, host: str = "127.0.0.1", http_port: int = 0,
+                 grpc_port: int = 0, metrics_port: int = 0, *, log_file: str | os.PathLike | None = None,
+                 model_control_mode: str = "poll", poll_secs: int = 2, log_verbose: int = 0,
+                 exit_timeout_secs: int = 10, extra_args: list[str] | None = None,
+                 build_dir: Path = DEFAULT_BUILD_DIR):
+        self.repository = Path(repository).resolve()
+        self.host = host
+        self._ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
+        self.log_file = Path(log_file) if log_file else None
+        self.model_control_mode = model_control_mode
+        self.poll_secs = poll_secs
+        self.log_verbose = log_verbose
+        self.exit_timeout_secs = exit_timeout_secs
+        self.extra_args = list(extra_args or [])
+        self.build_dir = Path(build_dir)
+        self.process: subprocess.Popen | None = None
+        self.installation: TritonInstallation | None = None
+        self.ports: dict[str, int] = {}
+
+    # -- endpoints -------------------------------------------------------------------------------------------
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.ports['grpc']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.ports['metrics']}/metrics"
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        assert self.installation is not None
+        cmd = [str(self.installation.binary), f"--model-repository={self.repository}",
+               f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
+               f"--http-port={self.ports['http']}", f"--grpc-port={self.ports['grpc']}",
+               f"--metrics-port={self.ports['metrics']}", f"--model-control-mode={self.model_control_mode}",
+               f"--exit-timeout-secs={self.exit_timeout_secs}", f"--log-verbose={self.log_verbose}",
+               "--allow-metrics=true", "--strict-readiness=true"]
+        if self.model_control_mode == "poll":
+            cmd.append(f"--repository-poll-secs={self.poll_secs}")
+        if self.installation.backend_dir is not None:
+            cmd.append(f"--backend-directory={self.installation.backend_dir}")
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 180.0) -> "TritonServer":
+        """Launch and block until ``/v2/health/ready``; raise :class:`ServerStartError` with the log tail."""
+        if not self.repository.is_dir():
+            raise ServerStartError(f"model repository {self.repository} does not exist")
+        if not any(p.is_dir() and p.name.isdigit() for m in self.repository.iterdir() if m.is_dir()
+                   for p in m.iterdir()):
+            raise ServerStartError(f"{self.repository} holds no model version folders: run "
+                                   f"`mildnet export --checkpoint CKPT --repository {self.repository}` first")
+        self.installation = find_tritonserver(self.build_dir)
+        if self.log_file is None:
+            log_dir = self.build_dir / "logs"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=log_dir, prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self.log_file = Path(name)
+        for attempt in range(2):
+            self.ports = {k: v or free_port(self.host if self.host not in ("0.0.0.0", "") else "127.0.0.1")
+                          for k, v in self._ports.items()}
+            try:
+                self._launch(timeout)
+                return self
+            except ServerStartError as e:
+                if attempt == 0 and "address already in use" in str(e).lower() and 0 in self._ports.values():
+                    continue  # lost the free-port race: pick new ports once
+                raise
+        return self
+
+    def _launch(self, timeout: float) -> None:
+        assert self.installation is not None and self.log_file is not None
+        log = open(self.log_file, "ab")
+        try:
+            # Own session: Ctrl-C in a terminal reaches us, and we stop the server in order (see stop()).
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=_server_env(self.installation),
+                                            start_new_session=True)
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                self.process = None
+                raise ServerStartError(f"tritonserver exited with code {code} before it was ready "
+                                       f"(log {self.log_file}):\n{_log_tail(self.log_file)}")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise ServerStartError(f"tritonserver was not ready after {timeout:.0f} s (log {self.log_file}):\n"
+                               f"{_log_tail(self.log_file)}")
+
+    def is_ready(self) -> bool:
+        return _http_ok(f"http://{self.http_url}/v2/health/ready")
+
+    def is_model_ready(self, name: str, version: str | int = "") -> bool:
+        suffix = f"/versions/{version}" if version != "" else ""
+        return _http_ok(f"http://{self.http_url}/v2/models/{name}{suffix}/ready")
+
+    def wait_for_model(self, name: str, version: str | int = "", timeout: float = 60.0) -> None:
+        """Block until a model (version) is ready, e.g. after ``mildnet export`` wrote a new version."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.is_model_ready(name, version):
+                return
+            if self.process is None or self.process.poll() is not None:
+                break
+            time.sleep(0.25)
+        raise ServerStartError(f"model {name} version {version or 'latest'} not ready after {timeout:.0f} s "
+                               f"(log {self.log_file}):\n{_log_tail(self.log_file)}")
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return _log_tail(self.log_file, lines) if self.log_file else ""
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait for Triton to unload models (it stops its Python stubs), SIGKILL the group if stuck."""
+        proc, self.process = self.process, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(self.exit_timeout_secs + 15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return proc.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repository", default="model_repository", help="model repository (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: %(default)s; 0.0.0.0 exposes it to the network)")
+    parser.add_argument("--http-port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--poll-secs", type=int, default=5,
+                        help="re-scan the repository every N s so new exported versions load; 0 = load once")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait until ready")
+    parser.add_argument("--log-file", default=None, help="server log (default: build/triton/logs/...)")
+    parser.add_argument("--log-verbose", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    server = TritonServer(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, log_file=args.log_file,
+                          model_control_mode="poll" if args.poll_secs > 0 else "none",
+                          poll_secs=max(args.poll_secs, 1), log_verbose=args.log_verbose)
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame):
+        stop.set()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start(args.timeout)
+        assert server.installation is not None
+        print(f"tritonserver ({server.installation.source}) ready on {server.repository}\n"
+              f"  HTTP    http://{server.http_url}\n  gRPC    {server.grpc_url}\n"
+              f"  metrics {server.metrics_url}\n  log     {server.log_file}\nCtrl-C or SIGTERM stops it.",
+              flush=True)
+        while not stop.is_set():
+            if server.process is None or server.process.poll() is not None:
+                print(f"tritonserver exited unexpectedly:\n{server.log_tail()}", file=sys.stderr)
+                return 1
+            stop.wait(1.0)
+        print("stopping tritonserver ...", flush=True)
+        return 0 if server.stop() in (0, None) else 1
+    finally:
+        server.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,364 @@
+"""Serving against a REAL Triton server (session fixture in conftest.py), plus the backend logic with a fake
+pb_utils (no server). The server tests share one server; the new-version test runs last because it swaps
+the served model."""
+from __future__ import annotations
+
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from mildnet.imageio import preprocess
+from mildnet.remote import (ModelNotReady, RemoteInferenceError, ServerUnavailable, TritonEmbedder,
+                            model_metrics)
+
+
+# -- helpers ------------------------------------------------------------------------------------------------------
+def png_header_only(width: int, height: int) -> bytes:
+    """A ~100-byte PNG whose header claims width x height: refused by its header, never decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def in_process(model, images) -> np.ndarray:
+    with torch.inference_mode():
+        return model(torch.stack([preprocess(b, model.spec) for b in images])).numpy()
+
+
+@pytest.fixture(scope="module")
+def photos(grocery_photos) -> list[bytes]:
+    return [p.read_bytes() for p in grocery_photos]
+
+
+@pytest.fixture(params=["http", "grpc"])  # function scope: a module-scoped param would reorder the tests
+def remote(request, triton_server):
+    url = triton_server.http_url if request.param == "http" else triton_server.grpc_url
+    with TritonEmbedder(url, protocol=request.param, concurrency=8) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def http_remote(triton_server):
+    with TritonEmbedder(triton_server.http_url, concurrency=16) as r:
+        yield r
+
+
+# -- a real server ----------------------------------------------------------------------------------------------------
+@pytest.mark.server
+def test_embeddings_equal_in_process(remote, served_repository, photos):
+    _, model, _ = served_repository
+    got = remote.embed(photos)  # ensemble: bytes -> preprocess -> mildnet
+    want = in_process(model, photos)
+    assert got.shape == (len(photos), model.embedding_dim)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.server
+def test_model_info_follows_the_export(remote, served_repository):
+    _, model, info = served_repository
+    got = remote.model_info()
+    assert (got.version, got.variant, got.embedding_dim) == (1, info["variant"], model.embedding_dim)
+    assert got.spec == model.spec and got.model_version == info["model_version"]
+
+
+@pytest.mark.server
+def test_pixels_model_equals_in_process(http_remote, served_repository, photos):
+    _, model, _ = served_repository
+    pixels = torch.stack([preprocess(b, model.spec) for b in photos[:3]]).numpy()  # (3, 3, S, S)
+    out = http_remote.infer("mildnet", [("PIXELS", pixels, "FP32")], ["EMBEDDING"])["EMBEDDING"]
+    np.testing.assert_allclose(out, in_process(model, photos[:3]), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.server
+def test_dynamic_batching_forms_batches(triton_server, http_remote, served_repository):
+    _, model, _ = served_repository
+    s = model.spec.input_size
+    before = model_metrics(triton_server.metrics_url, "mildnet")
+    x = np.random.default_rng(0).standard_normal((1, 3, s, s)).astype(np.float32)
+
+    def one(_):
+        return http_remote.infer("mildnet", [("PIXELS", x, "FP32")], ["EMBEDDING"])["EMBEDDING"]
+
+    with ThreadPoolExecutor(16) as pool:  # 16 single-image requests in flight at once
+        outs = list(pool.map(one, range(64)))
+    after = model_metrics(triton_server.metrics_url, "mildnet")
+    images = after["inference_count"] - before["inference_count"]
+    passes = after["exec_count"] - before["exec_count"]
+    assert images == 64
+    assert images / passes > 1.0, f"no batching: {images} images in {passes} forward passes"
+    np.testing.assert_allclose(np.stack(outs)[:, 0], np.repeat(outs[0], 64, 0), atol=1e-5)  # batch-invariant
+
+
+@pytest.mark.server
+def test_similar_finds_the_photo_itself(remote, catalogue_index, photos):
+    _, ids, _ = catalogue_index
+    for i in (0, 4, 8):
+        hits = remote.similar(photos[i], k=3)
+        assert len(hits) == 3 and hits[0].id == ids[i]
+        assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+        assert hits[0].score >= hits[1].score >= hits[2].score
+        assert set(hits[0].metadata) == {"group", "category"}
+
+
+@pytest.mark.server
+def test_similar_filter(http_remote, catalogue_index, photos):
+    hits = http_remote.similar(photos[0], k=3, filter={"group": "Vegetables"})
+    assert hits and all(h.metadata["group"] == "Vegetables" for h in hits)
+    assert ids_of(hits).isdisjoint({catalogue_index[1][0]})  # the query itself is a fruit
+
+
+def ids_of(hits) -> set[str]:
+    return {h.id for h in hits}
+
+
+BAD_IMAGES = {
+    "zero bytes": (lambda good: b"", "empty input"),
+    "text file": (lambda good: b"sku,price\napple,1.20\npear,0.90\n", "not a recognised image format"),
+    "corrupt jpeg": (lambda good: good[: len(good) * 6 // 10], "truncated"),
+    "20000x20000 png": (lambda good: png_header_only(20000, 20000), "pixels"),
+}
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+@pytest.mark.parametrize("model", ["mildnet_ensemble", "similar"])
+def test_bad_image_is_an_error_and_server_keeps_answering(http_remote, photos, catalogue_index, case, model):
+    make, message = BAD_IMAGES[case]
+    bad = make(photos[1])
+    with pytest.raises(RemoteInferenceError, match=message):
+        if model == "similar":
+            http_remote.similar(bad, k=2)
+        else:
+            http_remote.embed([bad])
+    assert http_remote.embed([photos[2]]).shape[0] == 1  # the next request is answered
+
+
+@pytest.mark.server
+def test_bad_image_fails_only_its_own_request(http_remote, served_repository, photos):
+    _, model, _ = served_repository
+    mixed = [photos[0], b"", photos[1], b"<html>nope</html>", photos[2]] * 3  # concurrent: batched together
+    results = http_remote.embed_each(mixed)
+    for got, image in zip(results, mixed):
+        if image in (b"", b"<html>nope</html>"):
+            assert isinstance(got, RemoteInferenceError)
+        else:
+            np.testing.assert_allclose(got, in_process(model, [image])[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("shape,dtype,message", [
+    ((1, 3, 64, 64), np.float32, "unexpected shape"),
+    ((1, 96, 96, 3), np.float32, "unexpected shape"),
+    ((1, 3, 96, 96), np.float64, "data-type"),
+    ((1, 3, 96, 96), np.int32, "data-type"),
+])
+def test_wrong_tensor_to_mildnet(http_remote, photos, shape, dtype, message):
+    x = np.zeros(shape, dtype=dtype)
+    triton_dtype = {np.float32: "FP32", np.float64: "FP64", np.int32: "INT32"}[dtype]
+    with pytest.raises(RemoteInferenceError, match=message):
+        http_remote.infer("mildnet", [("PIXELS", x, triton_dtype)], ["EMBEDDING"])
+    assert http_remote.embed([photos[0]]).shape[0] == 1
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("k,message", [(0, "positive"), (-3, "positive"), (10, r"larger than the catalogue \(9")])
+def test_bad_k(remote, photos, catalogue_index, k, message):
+    assert len(catalogue_index[1]) == 9  # the message below names the catalogue size
+    with pytest.raises(RemoteInferenceError, match=message):
+        remote.similar(photos[0], k=k)
+    assert len(remote.similar(photos[0], k=9)) == 9
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("filter_,message", [({"colour": "red"}, "unknown filter key"),
+                                             ({}, None)])
+def test_filter_keys(http_remote, photos, catalogue_index, filter_, message):
+    if message:
+        with pytest.raises(RemoteInferenceError, match=message):
+            http_remote.similar(photos[0], k=2, filter=filter_)
+    else:
+        assert len(http_remote.similar(photos[0], k=2, filter=filter_)) == 2
+
+
+@pytest.mark.server
+def test_spreads_over_several_urls(triton_server, photos, served_repository):
+    _, model, _ = served_repository
+    # the same server by two names: requests alternate between them, results stay right
+    urls = [triton_server.http_url, triton_server.http_url.replace("127.0.0.1", "localhost")]
+    with TritonEmbedder(urls, concurrency=4) as r:
+        got = r.embed(photos[:4])
+    np.testing.assert_allclose(got, in_process(model, photos[:4]), atol=2e-5, rtol=1e-4)
+
+
+def test_unreachable_server_is_a_clear_error(photos):
+    from mildnet.serve import free_port
+
+    with TritonEmbedder(f"127.0.0.1:{free_port()}", timeout=5) as r:
+        with pytest.raises(ServerUnavailable, match="cannot reach Triton"):
+            r.embed([photos[0]])
+
+
+@pytest.mark.server
+def test_unknown_model_is_model_not_ready(triton_server, photos):
+    with TritonEmbedder(triton_server.http_url, model="no_such_model") as r:
+        with pytest.raises(ModelNotReady, match="no_such_model"):
+            r.embed([photos[0]])
+
+
+@pytest.mark.server
+def test_new_version_is_served(triton_server, served_repository, http_remote, photos):
+    """Runs last in this file: export v2 (other weights) into the live repository; the server picks it up."""
+    from mildnet import models
+    from mildnet.export import ServingConfig, export_model
+
+    repo, old_model, _ = served_repository
+    torch.manual_seed(123)
+    new = models.create(old_model.variant, pretrained=False, **old_model.model_kwargs).eval()
+    result = export_model(new, repo, ServingConfig(max_batch_size=16, max_queue_delay_us=5000))
+    assert result.version == 2 and (repo / "mildnet" / "1" / "model.pt").is_file()  # older version kept
+    triton_server.wait_for_model("mildnet", 2, timeout=120)
+    triton_server.wait_for_model("mildnet_ensemble", timeout=120)
+    import time
+
+    deadline = time.monotonic() + 60  # version 1 unloads shortly after 2 is ready
+    while time.monotonic() < deadline and triton_server.is_model_ready("mildnet", 1):
+        time.sleep(0.5)
+    assert http_remote.model_info().version == 2
+    got = http_remote.embed(photos[:3])
+    np.testing.assert_allclose(got, in_process(new, photos[:3]), atol=2e-5, rtol=1e-4)
+    assert not np.allclose(got, in_process(old_model, photos[:3]), atol=1e-3)
+
+
+# -- the backend logic without a server: a fake pb_utils -------------------------------------------------------------
+class FakePbUtils:
+    """The slice of triton_python_backend_utils that mildnet.triton_models uses."""
+
+    class Tensor:
+        def __init__(self, name, array):
+            self._name, self._array = name, array
+
+        def name(self):
+            return self._name
+
+        def as_numpy(self):
+            return self._array
+
+        def is_cpu(self):
+            return True
+
+    class TritonError:
+        INVALID_ARG = 3
+
+        def __init__(self, message, code=None):
+            self._message, self.code = message, code
+
+        def message(self):
+            return self._message
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self.output_tensors, self._error = output_tensors, error
+
+        def has_error(self):
+            return self._error is not None
+
+        def error(self):
+            return self._error
+
+    class InferenceRequest:
+        def __init__(self, inputs):
+            self.inputs = {t.name(): t for t in inputs}
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return request.inputs.get(name)
+
+    @staticmethod
+    def get_output_tensor_by_name(response, name):
+        return next(t for t in response.output_tensors if t.name() == name)
+
+
+def _backend_args(repo, model_name):
+    import json
+
+    from mildnet.triton_models import version_dirs
+
+    config = {"instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+              "parameters": {"embedding_model": {"string_value": "mildnet"}}}
+    version = version_dirs(repo / model_name)[-1].name
+    return {"model_config": json.dumps(config), "model_repository": str(repo / model_name),
+            "model_version": version, "model_instance_kind": "CPU"}
+
+
+@pytest.fixture(scope="module")
+def exported_repo(tmp_path_factory):
+    from mildnet import models
+    from mildnet.export import export_model
+
+    torch.manual_seed(0)
+    model = models.create("mildnet_mobile", pretrained=False, input_size=64).eval()
+    repo = tmp_path_factory.mktemp("repo")
+    export_model(model, repo)
+    return repo, model
+
+
+def test_embedder_runs_one_forward_pass_per_batch_of_requests(exported_repo):
+    from mildnet.triton_models import EmbedderModel
+
+    pb = FakePbUtils
+    repo, model = exported_repo
+    backend = EmbedderModel(_backend_args(repo, "mildnet"), pb)
+    calls = []
+    backend.model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((n, 3, 64, 64)).astype(np.float32) for n in (1, 3, 2)]
+    bad = np.zeros((1, 3, 32, 32), np.float32)
+    requests = [pb.InferenceRequest([pb.Tensor("PIXELS", x)]) for x in (xs[0], bad, xs[1], xs[2])]
+    responses = backend.execute(requests)
+    assert calls == [6]  # the three good requests, concatenated: ONE forward pass
+    assert responses[1].has_error() and "shape" in responses[1].error().message()
+    with torch.inference_mode():
+        for resp, x in zip([responses[0], responses[2], responses[3]], xs):
+            assert not resp.has_error()
+            got = pb.get_output_tensor_by_name(resp, "EMBEDDING").as_numpy()
+            np.testing.assert_allclose(got, model(torch.from_numpy(x)).numpy(), atol=1e-5)
+
+
+def test_preprocess_follows_spec_and_fails_per_request(exported_repo, grocery_photos):
+    from mildnet.triton_models import PreprocessModel
+
+    pb = FakePbUtils
+    repo, model = exported_repo
+    backend = PreprocessModel(_backend_args(repo, "preprocess"), pb)
+    good = np.array([[grocery_photos[0].read_bytes()]], dtype=object)
+    requests = [pb.InferenceRequest([pb.Tensor("IMAGE", good)]),
+                pb.InferenceRequest([pb.Tensor("IMAGE", np.array([[b"GIF89a broken"]], dtype=object))])]
+    ok, bad = backend.execute(requests)
+    pixels = pb.get_output_tensor_by_name(ok, "PIXELS").as_numpy()
+    assert pixels.shape == (1, 3, 64, 64)
+    np.testing.assert_array_equal(pixels[0], preprocess(grocery_photos[0], model.spec).numpy())
+    assert bad.has_error() and "image" in bad.error().message()
+
+
+@pytest.mark.parametrize("text,message", [(b"not json", "not valid JSON"), (b"[1, 2]", "JSON object"),
+                                          (b'{"colour": "red"}', "unknown FILTER keys")])
+def test_parse_filter_errors(text, message):
+    from mildnet.triton_models import parse_filter
+
+    with pytest.raises(ValueError, match=message):
+        parse_filter(text, {"category", "group"})
+
+
+def test_parse_filter_ok():
+    from mildnet.triton_models import parse_filter
+
+    assert parse_filter(b'{"category": "Apple"}', {"category"}) == {"category": "Apple"}
+    assert parse_filter(b"", {"category"}) is None and parse_filter(None, None) is None
