@@ -34,7 +34,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mildnet.index import Index, IndexFileError, ModelVersionError, create_index, load_index
+from mildnet.index import IndexFileError, ModelVersionError, create_index, load_index, read_index_header
 
 EXIT_OK, EXIT_ERROR, EXIT_SERVER = 0, 1, 3
 JOURNAL_FORMAT = "mildnet-index-journal"
@@ -131,14 +131,13 @@ def catalogue_entries(source: str, root: str | None = None) -> list[tuple[str, P
 
 
 def model_identity(embedder) -> tuple[str, int]:
-    """(model_version, dim) the server reports. Accepts an object or a dict from ``model_info()``."""
-    info = embedder.model_info()
-    get = (lambda k: info.get(k)) if isinstance(info, dict) else (lambda k: getattr(info, k, None))
-    version = get("model_version") or get("version")
-    dim = get("dim") or get("embedding_dim")
-    if not version or not dim:
-        raise RuntimeError(f"server's model_info lacks a model version or dim: {info!r}")
-    return str(version), int(dim)
+    """(model_version, embedding dim) of what the server serves: every URL must serve the same model."""
+    infos = [embedder.model_info(url) for url in embedder.urls]
+    served = {(i.model_version, i.embedding_dim) for i in infos}
+    if len(served) > 1:
+        raise ModelVersionError("the servers serve different models: " + ", ".join(
+            f"{u} -> {i.model_version}" for u, i in zip(embedder.urls, infos)))
+    return infos[0].model_version, int(infos[0].embedding_dim)
 
 
 # ---- the indexing run ----------------------------------------------------------------------------------------
@@ -148,49 +147,33 @@ def _remote():
     return remote
 
 
-def _server_errors() -> tuple[type, ...]:
-    r = _remote()
-    return tuple(e for e in (getattr(r, "ServerUnavailable", None), getattr(r, "ModelNotReady", None)) if e)
-
-
 def embed_chunk(embedder, entries: list[tuple[str, Path, dict]], log) -> tuple[list, np.ndarray | None]:
-    """Embed one chunk; a bad image (unreadable, or refused by the server) is reported and skipped.
+    """Embed one chunk (its images in flight at once); a bad image (unreadable here, or refused by the
+    server) is reported and skipped. Returns (kept entries, vectors[len(kept), D]).
 
-    Returns (kept entries, vectors[len(kept), D]). Server-side failures (down, not ready) propagate.
+    Server-side failures (down, model not ready) propagate: the run stops, and a rerun resumes.
     """
-    fatal = _server_errors()
-    kept, blobs = [], []
+    from mildnet.remote import RemoteInferenceError
+
+    readable, blobs = [], []
     for e in entries:
         try:
             data = e[1].read_bytes()
         except OSError as err:
             log(f"skipping {e[0]}: cannot read {e[1]} ({err.strerror or err})")
             continue
-        if not data:
-            log(f"skipping {e[0]}: {e[1]} is empty")
-            continue
-        kept.append(e)
+        readable.append(e)
         blobs.append(data)
-    if not kept:
+    if not readable:
         return [], None
-    try:
-        return kept, np.asarray(embedder.embed(blobs), dtype=np.float32)
-    except fatal:
-        raise
-    except Exception:
-        if len(kept) == 1:
-            raise
-    # one bad image fails the whole request batch: find it by embedding the chunk one image at a time
-    good, vecs = [], []
-    for e, data in zip(kept, blobs):
-        try:
-            vecs.append(np.asarray(embedder.embed([data]), dtype=np.float32)[0])
-            good.append(e)
-        except fatal:
-            raise
-        except Exception as err:
-            log(f"skipping {e[0]}: the server refused {e[1]}: {str(err).strip()[:300]}")
-    return good, (np.stack(vecs) if vecs else None)
+    kept, vecs = [], []
+    for e, result in zip(readable, embedder.embed_each(blobs)):
+        if isinstance(result, RemoteInferenceError):
+            log(f"skipping {e[0]}: the server refused {e[1]}: {str(result).strip()[:300]}")
+        else:
+            kept.append(e)
+            vecs.append(np.asarray(result, dtype=np.float32))
+    return kept, (np.stack(vecs) if vecs else None)
 
 
 def build_index(entries: list[tuple[str, Path, dict]], out: Path, embedder, *, add: bool = False,
@@ -222,6 +205,7 @@ def build_index(entries: list[tuple[str, Path, dict]], out: Path, embedder, *, a
         index = create_index(dim, backend=backend, kind=kind, model_version=model_version,
                              **(backend_params or {}))
 
+    existing = read_index_header(out)["count"] if out.exists() else 0  # what a finished run left
     replayed = 0
     if journal.exists():
         for ids, metas, vecs in journal.replay(model_version, dim):
@@ -230,11 +214,12 @@ def build_index(entries: list[tuple[str, Path, dict]], out: Path, embedder, *, a
                 index.add([ids[j] for j in fresh], vecs[fresh], [metas[j] for j in fresh],
                           model_version=model_version)
                 replayed += len(fresh)
-        if replayed:
-            log(f"resumed: {replayed} embeddings recovered from {journal.path.name}, "
-                f"{len(index)} items in the index so far")
     else:
         journal.start(model_version, dim)
+    recovered = max(0, len(index) - existing)  # from an interrupted run: .partial + journal
+    if recovered:
+        log(f"resumed an interrupted run: {recovered} embeddings recovered ({replayed} from "
+            f"{journal.path.name}), not sent to the server again")
 
     todo = [e for e in entries if e[0] not in index]
     skipped: list[str] = []
@@ -267,7 +252,7 @@ def build_index(entries: list[tuple[str, Path, dict]], out: Path, embedder, *, a
     partial.unlink(missing_ok=True)
     journal.remove()
     elapsed = time.perf_counter() - t0
-    stats = {"out": str(out), "items": len(index), "embedded": done, "recovered": replayed,
+    stats = {"out": str(out), "items": len(index), "embedded": done, "recovered": recovered,
              "skipped": skipped, "seconds": round(elapsed, 2),
              "images_per_s": round(done / elapsed, 2) if elapsed > 0 and done else None,
              "model_version": model_version, "dim": dim}
@@ -304,7 +289,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kind", choices=("auto", "flat", "hnsw"), default="auto", help="faiss index kind")
     p.add_argument("--milvus-uri", help="Milvus server URI, or a local milvus-lite file (backend milvus)")
     p.add_argument("--collection", default="mildnet", help="Milvus collection (backend milvus)")
-    p.add_argument("--chunk", type=int, default=64, help="images per embed() call (requests in flight)")
+    p.add_argument("--chunk", type=int, default=64, help="images per journal record")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     p.add_argument("--checkpoint-every", type=int, default=2000, help="fold the journal into OUT.partial "
                    "every N embedded items")
     p.add_argument("--json", action="store_true", help="print the run's statistics as JSON")
@@ -314,27 +300,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("a CATALOGUE is needed (or --delete ID ...)")
     if args.backend == "milvus" and not args.milvus_uri:
         p.error("--backend milvus needs --milvus-uri")
-    if args.chunk < 1 or args.checkpoint_every < 1:
-        p.error("--chunk and --checkpoint-every must be >= 1")
+    if min(args.chunk, args.checkpoint_every, args.concurrency) < 1:
+        p.error("--chunk, --concurrency and --checkpoint-every must be >= 1")
     args.urls = args.urls or (["localhost:8001"] if args.protocol == "grpc" else ["localhost:8000"])
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    remote = _remote()
     try:
         if args.delete is not None:
             n = delete_items(args.out, args.delete)
             print(f"removed {n} item(s) from {args.out}")
             return EXIT_OK
         entries = catalogue_entries(args.catalogue, args.root)
-        remote = _remote()
-        embedder = remote.TritonEmbedder(args.urls, protocol=args.protocol)
         params = {"uri": args.milvus_uri, "collection": args.collection} if args.backend == "milvus" else {}
-        stats = build_index(entries, args.out, embedder, add=args.add, backend=args.backend,
-                            backend_params=params, kind=args.kind, chunk=args.chunk,
-                            checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
-    except _server_errors_safe() as e:
+        with remote.TritonEmbedder(args.urls, protocol=args.protocol, concurrency=args.concurrency) as embedder:
+            stats = build_index(entries, args.out, embedder, add=args.add, backend=args.backend,
+                                backend_params=params, kind=args.kind, chunk=args.chunk,
+                                checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+    except (remote.ServerUnavailable, remote.ModelNotReady) as e:
         print(f"index.py: server problem: {e}\n(progress so far is kept; rerun the same command to resume)",
               file=sys.stderr)
         return EXIT_SERVER
@@ -353,13 +339,6 @@ def main(argv: list[str] | None = None) -> int:
         for item_id in stats["skipped"]:
             print(f"  skipped (bad image): {item_id}", file=sys.stderr)
     return EXIT_OK
-
-
-def _server_errors_safe() -> tuple[type, ...]:
-    try:
-        return _server_errors() or (ConnectionError,)
-    except ImportError:
-        return (ConnectionError,)
 
 
 if __name__ == "__main__":

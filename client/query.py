@@ -58,17 +58,15 @@ def search(image: bytes, k: int, filter: dict | None, urls: list[str], protocol:
     """Top-k hits for one encoded image, server-side (``similar``) or with a local index file."""
     from mildnet.remote import TritonEmbedder
 
-    embedder = TritonEmbedder(urls, protocol=protocol)
-    if index_path is None:
-        return list(embedder.similar(image, k, filter=filter))
-    index = load_index(index_path)
-    info = embedder.model_info()
-    get = (lambda key: info.get(key)) if isinstance(info, dict) else (lambda key: getattr(info, key, None))
-    served = str(get("model_version") or get("version"))
-    if served != index.model_version:
-        raise ValueError(f"{index_path} was built with model version {index.model_version!r}, the server "
-                         f"serves {served!r}: its embeddings are not comparable (rebuild the index)")
-    vector = embedder.embed([image])  # (1, D)
+    with TritonEmbedder(urls, protocol=protocol) as embedder:
+        if index_path is None:
+            return list(embedder.similar(image, k, filter=filter))
+        index = load_index(index_path)
+        served = embedder.model_info().model_version
+        if served != index.model_version:
+            raise ValueError(f"{index_path} was built with model version {index.model_version!r}, the server "
+                             f"serves {served!r}: its embeddings are not comparable (rebuild the index)")
+        vector = embedder.embed([image])  # (1, D)
     return index.search(vector, k=k, filter=filter)[0]
 
 
@@ -206,14 +204,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        import mildnet.remote as remote
+    from mildnet.remote import ModelNotReady, ServerUnavailable
 
-        server_errors = tuple(e for e in (getattr(remote, "ServerUnavailable", None),
-                                          getattr(remote, "ModelNotReady", None)) if e)
-    except ImportError as e:
-        print(f"query.py: error: the Triton client is not available ({e})", file=sys.stderr)
-        return EXIT_SERVER
     try:
         filter = parse_filter(args.filter)
         query_bytes = args.image.read_bytes() if args.image.is_file() else None
@@ -227,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             write_html(args.html, args.image, query_bytes, rows, title)
         if args.png:
             write_png(args.png, query_bytes, rows)
-    except server_errors as e:
+    except (ServerUnavailable, ModelNotReady) as e:
         print(f"query.py: server problem: {e}", file=sys.stderr)
         return EXIT_SERVER
-    except (ImageDecodeError, IndexFileError, ValueError, OSError) as e:
+    except (ImageDecodeError, IndexFileError, ValueError, OSError, RuntimeError) as e:
         print(f"query.py: error: {e}", file=sys.stderr)
         return EXIT_INPUT
     if args.json:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
+import py_compile
 import shutil
 import tempfile
 import time
@@ -229,6 +231,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    """Rewrite only real changes: a polling server reloads a model whenever its folder's files change."""
+    if not (path.is_file() and path.read_text() == text):
+        _atomic_write_text(path, text)
+
+
 def _template(repository: Path, model: str) -> Path:
     """The thin model.py for ``model``: the repository's own, else the project's committed one."""
     for root in (repository, TEMPLATE_REPOSITORY):
@@ -240,7 +248,14 @@ def _template(repository: Path, model: str) -> Path:
 
 def _install_template(repository: Path, model: str, template_name: str, version_dir: Path) -> None:
     version_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(version_dir / "model.py", _template(repository, template_name).read_text())
+    target = version_dir / "model.py"
+    text = _template(repository, template_name).read_text()
+    if target.is_file() and target.read_text() == text:
+        return  # untouched: a polling server sees no change and does not reload the model
+    _atomic_write_text(target, text)
+    # Compile now: otherwise the Python stub writes __pycache__/ into the version folder when it imports
+    # model.py, a polling Triton sees the folder change, and reloads every model once after start.
+    py_compile.compile(str(target), cfile=importlib.util.cache_from_source(str(target)), doraise=True)
 
 
 def next_version(model_dir: Path) -> int:
@@ -295,15 +310,15 @@ def export_model(model, repository: str | os.PathLike, cfg: ServingConfig = Serv
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _atomic_write_text(model_dir / "config.pbtxt",
+    _write_if_changed(model_dir / "config.pbtxt",
                        embedding_config(cfg, spec.input_size, int(model.embedding_dim), info))
     if pipeline:
-        _atomic_write_text(repository / "preprocess" / "config.pbtxt", preprocess_config(cfg, spec.input_size))
+        _write_if_changed(repository / "preprocess" / "config.pbtxt", preprocess_config(cfg, spec.input_size))
         _install_template(repository, "preprocess", "preprocess", repository / "preprocess" / "1")
-        _atomic_write_text(repository / "mildnet_ensemble" / "config.pbtxt",
+        _write_if_changed(repository / "mildnet_ensemble" / "config.pbtxt",
                            ensemble_config(cfg, int(model.embedding_dim)))
         (repository / "mildnet_ensemble" / "1").mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(repository / "similar" / "config.pbtxt", similar_config(cfg))
+        _write_if_changed(repository / "similar" / "config.pbtxt", similar_config(cfg))
         _install_template(repository, "similar", "similar", repository / "similar" / "1")
     return ExportResult(version, model_dir / str(version), info)
 

@@ -68,25 +68,23 @@ def _modules(protocol: str):
     return client, InferenceServerException
 
 
-_UNREACHABLE = ("failed to connect", "connection refused", "unavailable", "connect failed", "deadline exceeded",
-                "name resolution", "no route to host", "connection reset")
-_NOT_READY = ("is not found", "unknown model", "is not ready", "not available", "no version is available",
-              "failed to load")
+_UNREACHABLE = ("failed to connect", "connection refused", "connect failed", "name resolution", "no route to host",
+                "connection reset", "deadline exceeded", "socket closed")
+_NOT_READY = ("is not found", "unknown model", "is not ready", "no version is available", "failed to load")
 
 
 def _classify(exc: Exception, url: str, model: str, index: int | None = None) -> Exception:
     """A tritonclient / socket exception -> one of this module's clear errors."""
     if isinstance(exc, (ServerUnavailable, ModelNotReady, RemoteInferenceError)):
         return exc
-    text = str(exc.message() if hasattr(exc, "message") and callable(exc.message) else exc) or type(exc).__name__
+    text = str(exc.message() if callable(getattr(exc, "message", None)) else exc) or type(exc).__name__
     low = text.lower()
-    status = str(getattr(exc, "status", lambda: "")() or "").lower() if hasattr(exc, "status") else ""
-    if isinstance(exc, OSError) or any(s in low for s in _UNREACHABLE) or "unavailable" in status:
+    if isinstance(exc, OSError) or any(s in low for s in _UNREACHABLE):
         return ServerUnavailable(f"cannot reach Triton at {url}: {text}")
     if any(s in low for s in _NOT_READY) and "ensemble" not in low:
         return ModelNotReady(f"model {model!r} is not ready on {url}: {text}")
     where = f"image {index}: " if index is not None else ""
-    return RemoteInferenceError(f"{where}{text}", index)
+    return RemoteInferenceError(f"{where}{text}", index)  # incl. overload: "exceeds maximum queue size"
 
 
 class TritonEmbedder:

@@ -78,6 +78,8 @@ class TrainConfig:
     cache: str | None = None  # decoded-image cache file (default: in the run folder)
     threads: int | None = None
     progress: bool = True
+    freeze_units: int | None = None  # freeze the first N backbone units (beyond what the model freezes)
+    freeze_bn: bool = False  # keep every BatchNorm on its pretrained statistics (small triplet batches)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def resolved_lr(self) -> float:
@@ -206,6 +208,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         kw["input_size"] = cfg.input_size
     model = create(cfg.model, pretrained=cfg.pretrained, **kw).to(device)
     spec = model.spec
+    if cfg.freeze_units:
+        units = getattr(getattr(model, "backbone", None), "units", None)
+        if units is None:
+            raise ValueError(f"{cfg.model} has no backbone units to freeze (--freeze-units)")
+        units = units()
+        if not 0 < cfg.freeze_units <= len(units):
+            raise ValueError(f"--freeze-units must be in 1..{len(units)} for {cfg.model}, got {cfg.freeze_units}")
+        model.freeze(list(dict.fromkeys([*model.frozen_modules(), *units[:cfg.freeze_units]])))
     params = list(model.trainable_parameters())
     if not params:
         raise ValueError(f"{cfg.model} has no trainable parameters (a zero-shot baseline): evaluate it instead")
@@ -305,6 +315,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         model.train()
+        if cfg.freeze_bn:
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and main), leave=False)
         for batch in bar:
@@ -394,6 +408,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--cache", help="decoded-image cache file (default: <out>/images_<size>.pt)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--freeze-units", type=int,
+                   help="freeze the first N backbone units (more than the model's own freezing; faster on a CPU)")
+    p.add_argument("--freeze-bn", action="store_true",
+                   help="keep BatchNorm layers on their pretrained statistics (small triplet batches)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--no-progress", action="store_true")
 
@@ -407,7 +425,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
         augment=not args.no_augment, max_train_triplets=args.max_train_triplets,
         max_val_triplets=args.max_val_triplets, max_steps=args.max_steps, select=args.select, device=args.device,
-        amp=not args.no_amp, cache=args.cache, threads=args.threads, progress=not args.no_progress)
+        amp=not args.no_amp, cache=args.cache, threads=args.threads, progress=not args.no_progress,
+        freeze_units=args.freeze_units, freeze_bn=args.freeze_bn)
 
 
 def run(args: argparse.Namespace) -> int:

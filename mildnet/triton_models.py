@@ -158,7 +158,10 @@ class EmbedderModel:
         self.input_shape = (3, s, s)
 
     def _check(self, x) -> str | None:
-        if x.dtype != np.float32 and str(x.dtype) != "torch.float32":
+        """None if ``x`` (a torch tensor) is a valid PIXELS batch, else the reason."""
+        import torch
+
+        if x.dtype != torch.float32:
             return f"PIXELS must be FP32, got {x.dtype}"
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             return (f"PIXELS must have shape [batch, {', '.join(map(str, self.input_shape))}] "

@@ -39,7 +39,7 @@ SERVED_SEED = 0
 
 
 @pytest.fixture(scope="session")
-def served_repository(tmp_path_factory, grocery_photos):
+def served_repository(tmp_path_factory):
     """(repository path, in-process model, export info): the exported model and the oracle it must match."""
     import shutil
 

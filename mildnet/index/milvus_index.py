@@ -76,6 +76,7 @@ class MilvusIndex(Index):
             if int(props.get(_DIM_KEY, -1)) != self.dim:
                 raise ValueError(f"Milvus collection {collection!r} has dim {props.get(_DIM_KEY)}, not {self.dim}")
             self._keys = set(json.loads(props.get(_KEYS_KEY, "[]")))
+            self._c.load_collection(collection)  # a reopened collection starts out released
         else:
             self._create()
             self._keys = set()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models import vgg16, vgg19
+from torchvision.models.vgg import cfgs, make_layers
 
 
 class VGGTaps(nn.Module):
@@ -17,7 +17,12 @@ class VGGTaps(nn.Module):
         if depth not in (16, 19):
             raise ValueError(f"VGG depth must be 16 or 19, got {depth}")
         self.depth = depth
-        self.features = (vgg16 if depth == 16 else vgg19)(weights=None).features
+        # torchvision's own layer list (not vgg16(): that would also build its 120M-parameter classifier)
+        self.features = make_layers(cfgs["D" if depth == 16 else "E"], batch_norm=False)
+        for m in self.features.modules():  # torchvision's VGG init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
         self.pool_index = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
         self.tap_channels: dict[str, int] = {}
         for b, i in enumerate(self.pool_index, start=1):

@@ -1,0 +1,277 @@
+"""Serving benchmark: in-process eager vs Triton (HTTP/gRPC, with/without dynamic batching) at several concurrencies.
+
+    .venv/bin/python bench/serving.py                 # default: ~6 min on a 2-core machine
+    .venv/bin/python bench/serving.py --full --vgg16-size 224 --window 10   # every point, paper input size
+
+For each model (untrained, seeded weights: speed does not depend on training) it measures
+* in-process eager ``model(x)`` at batch sizes 1..32, keeping the best throughput;
+* the fp32 matmul FLOP/s of this machine (same run, same thread count) and the model's FLOPs per image, giving
+  the compute roof in images/s = FLOP/s / FLOPs-per-image;
+* Triton's ``mildnet`` model (FP32 pixels, one image per request, so only the server can batch) with dynamic
+  batching and a copy without it (``mildnet_nobatch``), over HTTP and gRPC, at concurrency 1, 4, 16, 32,
+  with p50/p99 latency and the average batch the server formed (metrics endpoint).
+MILDNet-VGG16 is ~10-30x slower than MILDNet-Mobile on 2 cores, so by default it runs at --vgg16-size 128 and
+only the points the targets need (HTTP dyn c1/c16, HTTP no-batch c16, gRPC dyn c16); --full runs them all.
+
+Writes bench/results/serving.json and bench/results/serving.png and prints a table. Targets (ratios, one run):
+Triton dyn c16 >= 0.9x in-process best; dyn >= 1.5x no-batch at c16; VGG16 served >= 0.8x compute roof.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mildnet import models  # noqa: E402
+from mildnet.export import ServingConfig, export_model  # noqa: E402
+from mildnet.remote import model_metrics  # noqa: E402
+from mildnet.serve import TritonServer  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+VARIANTS = {"mobile": "mildnet_mobile", "vgg16": "mildnet_vgg16"}
+
+
+# -- in-process ----------------------------------------------------------------------------------------------------
+def timed_loop(fn, window: float, min_iters: int = 2) -> tuple[int, float]:
+    fn()  # warm-up (allocations, oneDNN primitives for this shape)
+    n, start = 0, time.perf_counter()
+    while n < min_iters or time.perf_counter() - start < window:
+        fn()
+        n += 1
+    return n, time.perf_counter() - start
+
+
+def in_process(model, size: int, batch_sizes: list[int], window: float) -> list[dict]:
+    rows = []
+    for b in batch_sizes:
+        x = torch.randn(b, 3, size, size)
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+
+        n, secs = timed_loop(step, window)
+        rows.append({"batch": b, "img_per_s": n * b / secs, "latency_ms": secs / n * 1e3})
+        print(f"  in-process batch {b:>2}: {rows[-1]['img_per_s']:7.1f} img/s", flush=True)
+    return rows
+
+
+def matmul_flops(window: float, n: int = 1024) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    iters, secs = timed_loop(lambda: torch.mm(a, b), window, min_iters=5)
+    return 2 * n ** 3 * iters / secs
+
+
+def model_flops(model, size: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.randn(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+# -- Triton load generator ----------------------------------------------------------------------------------------
+def load_point(url: str, protocol: str, model: str, size: int, concurrency: int, window: float,
+               warmup: float = 1.0) -> dict:
+    """``concurrency`` closed-loop clients (one tritonclient each) sending one image per request."""
+    if protocol == "http":
+        import tritonclient.http as tc
+    else:
+        import tritonclient.grpc as tc
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    clients = []
+    for _ in range(concurrency):  # connect before the clock starts
+        c = tc.InferenceServerClient(url)
+        inp = tc.InferInput("PIXELS", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        clients.append((c, inp))
+    t0 = time.perf_counter()
+    measure_from, stop_at = t0 + warmup, t0 + warmup + window
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors: list[str] = []
+
+    def client(i: int):
+        c, inp = clients[i]
+        out = [tc.InferRequestedOutput("EMBEDDING")]
+        while True:
+            start = time.perf_counter()
+            if start >= stop_at:
+                break
+            try:
+                c.infer(model, [inp], outputs=out)
+            except Exception as e:  # noqa: BLE001 - reported, not hidden
+                errors.append(str(e)[:200])
+                continue
+            end = time.perf_counter()
+            if measure_from <= end <= stop_at:  # completions inside the window count (standard closed loop)
+                latencies[i].append(end - start)
+        c.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lat = np.array([v for per in latencies for v in per]) * 1e3
+    return {"img_per_s": len(lat) / window, "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None, "requests": int(len(lat)),
+            "errors": len(errors), "first_error": errors[0] if errors else None}
+
+
+def triton_points(name: str, model, size: int, args, points: list[tuple[str, str, int]]) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix=f"bench-serving-{name}-") as tmp:
+        repo = Path(tmp) / "model_repository"
+        export_model(model, repo, ServingConfig(max_batch_size=32, max_queue_delay_us=args.queue_delay_us),
+                     pipeline=False)
+        export_model(model, repo, ServingConfig(model_name="mildnet_nobatch", max_batch_size=32,
+                                                dynamic_batching=False), pipeline=False)
+        with TritonServer(repo, model_control_mode="none", log_file=Path(tmp) / "triton.log",
+                          extra_args=["--metrics-interval-ms=250"]) as server:
+            for protocol, batching, conc in points:
+                model_name = "mildnet" if batching == "dynamic" else "mildnet_nobatch"
+                url = server.http_url if protocol == "http" else server.grpc_url
+                time.sleep(0.6)
+                before = model_metrics(server.metrics_url, model_name)
+                row = load_point(url, protocol, model_name, size, conc, args.window)
+                time.sleep(0.6)  # let the metrics refresh
+                after = model_metrics(server.metrics_url, model_name)
+                passes = after["exec_count"] - before["exec_count"]
+                row.update(protocol=protocol, batching=batching, concurrency=conc,
+                           avg_batch=(after["inference_count"] - before["inference_count"]) / passes
+                           if passes else None)
+                rows.append(row)
+                print(f"  triton {protocol:4} {batching:7} c={conc:>2}: {row['img_per_s']:7.1f} img/s  "
+                      f"p50 {row['p50_ms'] or float('nan'):7.1f} ms  p99 {row['p99_ms'] or float('nan'):7.1f} ms  "
+                      f"avg batch {row['avg_batch'] or float('nan'):4.1f}  errors {row['errors']}", flush=True)
+    return rows
+
+
+# -- main ---------------------------------------------------------------------------------------------------------
+def bench_model(key: str, size: int, args) -> dict:
+    variant = VARIANTS[key]
+    print(f"{variant} at {size}x{size}", flush=True)
+    torch.manual_seed(0)
+    model = models.create(variant, pretrained=False, input_size=size).eval()
+    full = args.full or key == "mobile"
+    batch_sizes = [1, 4, 8, 16, 32] if full else [1, 8, 16]
+    eager = in_process(model, size, batch_sizes, args.window / 2 if not full else args.window / 2)
+    flops = model_flops(model, size)
+    roof_flops = matmul_flops(2.0)
+    conc = [1, 4, 16, 32]
+    if full:
+        points = [(p, b, c) for p in ("http", "grpc") for b in ("dynamic", "none") for c in conc]
+    else:
+        points = [("http", "dynamic", 1), ("http", "dynamic", 16), ("http", "none", 16), ("grpc", "dynamic", 16)]
+    served = triton_points(key, model, size, args, points)
+    best = max(eager, key=lambda r: r["img_per_s"])
+
+    def at(protocol, batching, c):
+        return next((r["img_per_s"] for r in served if (r["protocol"], r["batching"], r["concurrency"])
+                     == (protocol, batching, c)), None)
+
+    dyn16 = max(v for v in (at("http", "dynamic", 16), at("grpc", "dynamic", 16)) if v is not None)
+    roof = roof_flops / flops
+    ratios = {"dyn_c16_over_inprocess_best": dyn16 / best["img_per_s"],
+              "dyn_over_nobatch_c16_http": at("http", "dynamic", 16) / at("http", "none", 16),
+              "served_over_compute_roof": dyn16 / roof, "inprocess_over_compute_roof": best["img_per_s"] / roof}
+    return {"variant": variant, "input_size": size, "model_gflops_per_image": flops / 1e9,
+            "matmul_gflops_per_s": roof_flops / 1e9, "compute_roof_img_per_s": roof,
+            "in_process": eager, "in_process_best": best, "triton": served, "ratios": ratios}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = results["models"]
+    fig, axes = plt.subplots(1, len(entries), figsize=(6.5 * len(entries), 4.5), squeeze=False)
+    for ax, (key, r) in zip(axes[0], entries.items()):
+        for protocol in ("http", "grpc"):
+            for batching, style in (("dynamic", "-"), ("none", "--")):
+                pts = sorted((p["concurrency"], p["img_per_s"]) for p in r["triton"]
+                             if p["protocol"] == protocol and p["batching"] == batching)
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", label=f"Triton {protocol}, batching={batching}")
+        ax.axhline(r["in_process_best"]["img_per_s"], color="k", lw=1,
+                   label=f"in-process eager, batch {r['in_process_best']['batch']}")
+        ax.axhline(r["compute_roof_img_per_s"], color="r", lw=1, ls=":", label="compute roof (matmul FLOP/s)")
+        ax.set(title=f"{r['variant']} @ {r['input_size']}px", xlabel="concurrent clients", ylabel="images / s",
+               xscale="log", xticks=[1, 4, 16, 32])
+        ax.set_xticklabels(["1", "4", "16", "32"])
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="mobile,vgg16", help="comma list of: " + ", ".join(VARIANTS))
+    ap.add_argument("--mobile-size", type=int, default=224)
+    ap.add_argument("--vgg16-size", type=int, default=128, help="paper: 224 (~3x slower per image)")
+    ap.add_argument("--window", type=float, default=6.0, help="seconds measured per Triton point")
+    ap.add_argument("--queue-delay-us", type=int, default=2000)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                    help="torch threads in-process (the server uses cores / instances)")
+    ap.add_argument("--full", action="store_true", help="every point for VGG16 too (slow)")
+    ap.add_argument("--out", default=str(RESULTS / "serving.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    results = {"benchmark": "serving", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "settings": {k: v for k, v in vars(args).items()},
+               "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+                           "torch_threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()},
+               "models": {}}
+    for key in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if key not in VARIANTS:
+            ap.error(f"unknown model {key!r}; choose from {', '.join(VARIANTS)}")
+        size = args.mobile_size if key == "mobile" else args.vgg16_size
+        results["models"][key] = bench_model(key, size, args)
+    results["machine"]["load_avg_end"] = os.getloadavg()
+    results["wall_s"] = time.time() - started
+    targets = {}
+    for key, r in results["models"].items():
+        q = r["ratios"]
+        targets[key] = {"serving_overhead (>= 0.9)": [round(q["dyn_c16_over_inprocess_best"], 3),
+                                                      q["dyn_c16_over_inprocess_best"] >= 0.9],
+                        "dynamic_vs_batch1 (>= 1.5)": [round(q["dyn_over_nobatch_c16_http"], 3),
+                                                       q["dyn_over_nobatch_c16_http"] >= 1.5]}
+        if key == "vgg16":
+            targets[key]["compute_roof (>= 0.8)"] = [round(q["served_over_compute_roof"], 3),
+                                                     q["served_over_compute_roof"] >= 0.8]
+    results["targets"] = targets
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out)
+    plot(results, out.with_suffix(".png"))
+    print(f"\n{'model':8} {'in-proc best':>13} {'dyn c16':>9} {'no-batch c16':>13} {'roof':>8}   ratios")
+    for key, r in results["models"].items():
+        dyn = max(p["img_per_s"] for p in r["triton"] if p["batching"] == "dynamic" and p["concurrency"] == 16)
+        nob = next(p["img_per_s"] for p in r["triton"] if p["batching"] == "none" and p["concurrency"] == 16
+                   and p["protocol"] == "http")
+        print(f"{key:8} {r['in_process_best']['img_per_s']:13.1f} {dyn:9.1f} {nob:13.1f} "
+              f"{r['compute_roof_img_per_s']:8.1f}   {targets[key]}")
+    print(f"wrote {out} and {out.with_suffix('.png')} in {results['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""`mildnet export`: numbered versions, spec.json, generated config.pbtxt (parsed as Triton's protobuf), CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from mildnet import models
+from mildnet.checkpoint import save_checkpoint
+from mildnet.cli import main as cli_main
+from mildnet.export import TEMPLATE_REPOSITORY, ServingConfig, export_model, sha256_file
+from mildnet.spec import PreprocessSpec
+from mildnet.triton_models import ServedModelInfo, latest_export
+
+ROOT_MODELS = ("mildnet", "preprocess", "mildnet_ensemble", "similar")
+ROOT = TEMPLATE_REPOSITORY.parent
+
+
+def parse_config(path) -> model_config_pb2.ModelConfig:
+    """Parse like Triton does: a typo or unknown field raises."""
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return models.create("mildnet_mobile", pretrained=False, input_size=64).eval()
+
+
+@pytest.fixture
+def checkpoint(tmp_path, small_model):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, small_model, variant=small_model.variant, model_kwargs=small_model.model_kwargs)
+    return path
+
+
+def test_export_writes_numbered_versions_and_keeps_old_ones(tmp_path, small_model, checkpoint):
+    repo = tmp_path / "repo"
+    first = export_model(small_model, repo, source_checkpoint=checkpoint)
+    second = export_model(small_model, repo, source_checkpoint=checkpoint)
+    assert (first.version, second.version) == (1, 2)
+    for v in ("1", "2"):
+        assert sorted(p.name for p in (repo / "mildnet" / v).iterdir()) == ["__pycache__", "model.pt", "model.py",
+                                                                           "spec.json"]
+    assert not [p for p in (repo / "mildnet").iterdir() if p.name.startswith(".")]  # no temp folders left
+    info = json.loads((repo / "mildnet" / "2" / "spec.json").read_text())
+    assert info["variant"] == "mildnet_mobile" and info["embedding_dim"] == small_model.embedding_dim
+    assert PreprocessSpec.from_dict(info["spec"]) == small_model.spec
+    assert info["source_sha256"] == sha256_file(checkpoint)
+    assert info["model_version"] == f"mildnet_mobile-{sha256_file(checkpoint)[:12]}"
+    assert latest_export(repo / "mildnet").version == 2
+
+
+def test_exported_weights_reload_to_the_same_model(tmp_path, small_model):
+    result = export_model(small_model, tmp_path)
+    reloaded = models.load_checkpoint(result.version_dir / "model.pt")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(x), small_model(x))
+    assert ServedModelInfo.read(result.version_dir).spec == reloaded.spec
+
+
+@pytest.mark.parametrize("kind,instances,dynamic", [("cpu", 1, True), ("gpu", 2, True), ("cpu", 1, False)])
+def test_configs_parse_and_follow_the_spec(tmp_path, small_model, kind, instances, dynamic):
+    cfg = ServingConfig(max_batch_size=8, instances=instances, kind=kind, dynamic_batching=dynamic)
+    export_model(small_model, tmp_path, cfg)
+    configs = {m: parse_config(tmp_path / m / "config.pbtxt") for m in ROOT_MODELS}
+    assert {m: c.name for m, c in configs.items()} == {m: m for m in ROOT_MODELS}
+    emb = configs["mildnet"]
+    assert list(emb.input[0].dims) == [3, 64, 64] and list(emb.output[0].dims) == [small_model.embedding_dim]
+    assert emb.max_batch_size == 8 and emb.instance_group[0].count == instances
+    assert emb.instance_group[0].kind == (model_config_pb2.ModelInstanceGroup.KIND_GPU if kind == "gpu"
+                                          else model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    assert emb.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == ("no" if kind == "gpu" else "yes")
+    assert emb.HasField("dynamic_batching") == dynamic
+    if dynamic:  # overload is shed with an error, not queued forever
+        policy = emb.dynamic_batching.default_queue_policy
+        assert policy.max_queue_size > 0 and policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+    assert list(emb.model_warmup[0].inputs["PIXELS"].dims) == [3, 64, 64]
+    assert json.loads(emb.parameters["spec"].string_value) == small_model.spec.to_dict()
+    assert list(configs["preprocess"].output[0].dims) == [3, 64, 64]
+    steps = configs["mildnet_ensemble"].ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["preprocess", "mildnet"]
+    assert configs["similar"].input[2].optional
+
+
+def test_committed_repository_configs_parse():
+    for m in ROOT_MODELS:
+        assert parse_config(TEMPLATE_REPOSITORY / m / "config.pbtxt").name == m
+        if m != "mildnet_ensemble":
+            assert (TEMPLATE_REPOSITORY / m / "model.py").is_file()
+
+
+def test_reexport_leaves_unchanged_pipeline_files_alone(tmp_path, small_model):
+    export_model(small_model, tmp_path)
+    watched = [tmp_path / m / "config.pbtxt" for m in ("preprocess", "mildnet_ensemble", "similar")]
+    watched += [tmp_path / m / "1" / "model.py" for m in ("preprocess", "similar")]
+    before = [p.stat().st_mtime_ns for p in watched]
+    export_model(small_model, tmp_path)
+    assert [p.stat().st_mtime_ns for p in watched] == before  # a polling server does not reload them
+
+
+def test_cli_export_checkpoint(tmp_path, checkpoint, capsys):
+    repo = tmp_path / "repo"
+    assert cli_main(["export", "--checkpoint", str(checkpoint), "--repository", str(repo),
+                     "--max-batch-size", "4", "--instances", "2"]) == 0
+    assert "version 1" in capsys.readouterr().out
+    assert parse_config(repo / "mildnet" / "config.pbtxt").instance_group[0].count == 2
+
+
+def test_cli_export_untrained_is_seeded(tmp_path):
+    for name in ("a", "b"):
+        assert cli_main(["export", "--untrained", "mildnet_mobile", "--input-size", "64", "--seed", "7",
+                         "--repository", str(tmp_path / name), "--no-pipeline"]) == 0
+    a, b = (torch.load(tmp_path / n / "mildnet" / "1" / "model.pt", weights_only=True)["state_dict"] for n in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "a" / "preprocess").exists()  # --no-pipeline
+
+
+@pytest.mark.parametrize("content,message", [(b"", "not a loadable checkpoint"), (None, "no such checkpoint")])
+def test_cli_export_bad_checkpoint_is_a_clear_error(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.pt"
+    if content is not None:
+        path.write_bytes(content)
+    assert cli_main(["export", "--checkpoint", str(path), "--repository", str(tmp_path / "repo")]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "repo" / "mildnet").exists()
+
+
+@pytest.mark.parametrize("kw,message", [({"max_batch_size": 0}, "max-batch-size"), ({"instances": 0}, "instances"),
+                                        ({"kind": "tpu"}, "kind"), ({"model_name": "a/b"}, "model-name")])
+def test_bad_serving_config(kw, message):
+    with pytest.raises(ValueError, match=message):
+        ServingConfig(**kw)
+
+
+def test_exported_versions_are_gitignored_templates_are_not():
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+
+    assert ignored("model_repository/mildnet/7/model.pt") and ignored("model_repository/preprocess/1/model.py")
+    assert ignored("model_repository/similar/index/catalogue.mindex")
+    assert not ignored("model_repository/mildnet/config.pbtxt") and not ignored("model_repository/mildnet/model.py")
+
