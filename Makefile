@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
-# torch's build helpers need the toolkit's real folder, not the nvcc symlink's (see docs).
+# torch's build helpers need the toolkit's real folder, not the nvcc symlink's (see docs). nvcc may also be a
+# wrapper script (it is here), so ask nvcc itself: its dry run prints "#$ TOP=<toolkit>/bin/..".
 NVCC := $(shell command -v nvcc 2>/dev/null)
-export CUDA_HOME ?= $(if $(NVCC),$(shell dirname $$(dirname $$(readlink -f $(NVCC)))),)
+export CUDA_HOME ?= $(if $(NVCC),$(shell $(NVCC) -dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's|^\#\$$ TOP=\(.*\)/bin/\.\.$$|\1|p'),)
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export MAX_JOBS ?= 2
 KERNEL_SOURCES := $(shell find kernels -type f 2>/dev/null) setup.py
@@ -53,3 +54,17 @@ bench: $(BUILD_STAMP)
 
 clean:
 	rm -rf build *.egg-info mildnet/*.so $(BUILD_STAMP)
+
+# Load test of a RUNNING server (start one with `make serve`): headless locust, HTTP + gRPC users, real photos.
+# Reports: bench/results/locust/loadtest_{stats,failures,stats_history}.csv and report.html.
+LOADTEST_TIME ?= 60s
+LOADTEST_USERS ?= 8
+LOADTEST_HOST ?= http://127.0.0.1:8000
+LOADTEST_GRPC ?= 127.0.0.1:8001
+LOADTEST_IMAGES ?= ../shared/data/grocery/dataset/val
+loadtest: $(DEPS_STAMP)
+	mkdir -p bench/results/locust
+	$(VENV)/bin/locust -f client/locustfile.py --headless --web-host 127.0.0.1 \
+	  -u $(LOADTEST_USERS) -r $(LOADTEST_USERS) -t $(LOADTEST_TIME) --stop-timeout 10 \
+	  --host $(LOADTEST_HOST) --grpc-host $(LOADTEST_GRPC) --images $(LOADTEST_IMAGES) \
+	  --csv bench/results/locust/loadtest --html bench/results/locust/report.html --only-summary

@@ -121,6 +121,15 @@ def bench_one(n: int, dim: int, args, rng) -> list[dict]:
     del flat
 
     # HNSW: one build, efSearch swept at query time
+    if "hnsw" in args.indexes:
+        bench_hnsw(base, queries, truth, record, args)
+    if "ivfflat" in args.indexes or "ivfpq" in args.indexes:
+        bench_ivf(base, queries, record, args, rng)
+    return rows
+
+
+def bench_hnsw(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, record, args) -> None:
+    n, dim, k = base.shape[0], base.shape[1], 10
     t = time.perf_counter()
     hnsw = faiss.IndexHNSWFlat(dim, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
     hnsw.hnsw.efConstruction = args.ef_construction
@@ -134,6 +143,9 @@ def bench_one(n: int, dim: int, args, rng) -> list[dict]:
                qps, labels, latency_ms(hnsw, queries, k))
     del hnsw
 
+
+def bench_ivf(base: np.ndarray, queries: np.ndarray, record, args, rng) -> None:
+    n, dim, k = base.shape[0], base.shape[1], 10
     # IVF: one coarse quantizer (k-means, trained once) shared by IVF-Flat and IVF-PQ
     nlist = args.nlist or max(64, int(np.sqrt(n)))
     t = time.perf_counter()
@@ -150,11 +162,13 @@ def bench_one(n: int, dim: int, args, rng) -> list[dict]:
     ivf.add(base)
     build = train_s + time.perf_counter() - t
     size = index_bytes(ivf)
-    for nprobe in args.nprobe:
+    for nprobe in (args.nprobe if "ivfflat" in args.indexes else []):
         ivf.nprobe = nprobe
         qps, labels = timed_search(ivf, queries, k)
         record("ivfflat", {"nlist": nlist, "nprobe": nprobe}, build, size, qps, labels, latency_ms(ivf, queries, k))
     del ivf
+    if "ivfpq" not in args.indexes:
+        return
 
     # IVF-PQ: 8-bit codes of dim/pq_dims_per_code bytes; "+rf" re-ranks a k*k_factor shortlist exactly
     m = dim // args.pq_dims_per_code
@@ -162,7 +176,7 @@ def bench_one(n: int, dim: int, args, rng) -> list[dict]:
     quantizer = faiss.IndexFlatIP(dim)
     quantizer.add(kmeans.centroids)
     ivfpq = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-    ivfpq.train(train[: max(256 * 39, min(len(train), 20_000))])  # coarse quantizer already trained: PQ only
+    ivfpq.train(train[: min(len(train), 256 * 40)])  # coarse quantizer already trained: PQ only
     refine = faiss.IndexRefineFlat(ivfpq)
     refine.add(base)
     build = train_s + time.perf_counter() - t
@@ -172,12 +186,12 @@ def bench_one(n: int, dim: int, args, rng) -> list[dict]:
         qps, labels = timed_search(ivfpq, queries, k)
         record("ivfpq", {"nlist": nlist, "m": m, "nbits": 8, "nprobe": nprobe}, build, pq_size, qps, labels,
                latency_ms(ivfpq, queries, k))
-        refine.k_factor = args.k_factor
-        qps, labels = timed_search(refine, queries, k)
-        record("ivfpq+rf", {"nlist": nlist, "m": m, "nprobe": nprobe, "k_factor": args.k_factor}, build,
-               pq_size + n * dim * 4, qps, labels, latency_ms(refine, queries, k))
+        for k_factor in args.k_factor:
+            refine.k_factor = k_factor
+            qps, labels = timed_search(refine, queries, k)
+            record("ivfpq+rf", {"nlist": nlist, "m": m, "nprobe": nprobe, "k_factor": k_factor}, build,
+                   pq_size + n * dim * 4, qps, labels, latency_ms(refine, queries, k))
     del refine, ivfpq
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nprobe", type=ints, default=[4, 8, 16, 32], help="IVF-Flat probes (swept)")
     p.add_argument("--nprobe-pq", type=ints, default=[16, 64], help="IVF-PQ probes (swept)")
     p.add_argument("--pq-dims-per-code", type=int, default=16, help="PQ: dim / this = bytes per vector")
-    p.add_argument("--k-factor", type=int, default=10, help="IVF-PQ re-ranking shortlist = k * this")
+    p.add_argument("--k-factor", type=ints, default=[10], help="IVF-PQ re-ranking shortlist = k * this (swept)")
+    p.add_argument("--indexes", type=lambda x: x.split(","), default=["hnsw", "ivfflat", "ivfpq"],
+                   help="which ANN indexes to measure (flat always runs: it is the ground truth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -209,10 +225,32 @@ def main(argv: list[str] | None = None) -> int:
     for dim in args.dims:
         for n in args.sizes:
             rows += bench_one(n, dim, args, rng)
+            write_result(args, rows, started, done=False)  # a partial file survives an interrupted run
+    result = write_result(args, rows, started, done=True)
 
+    print(f"\n{'n':>8} {'dim':>5} {'index':9} {'params':52} {'build s':>8} {'MB':>8} {'q/s':>9} {'x flat':>7} "
+          f"{'ms/q':>7} {'R@10':>6}")
+    for r in rows:
+        print(f"{r['n']:8d} {r['dim']:5d} {r['index']:9} {json.dumps(r['params']):52} {r['build_s']:8.1f} "
+              f"{r['index_mb']:8.1f} {r['qps']:9.1f} {r['speedup_vs_flat']:7.1f} {r['latency_ms']:7.3f} "
+              f"{r['recall@10']:6.3f}")
+    for v in result["verdicts"]:
+        b = v["best"]
+        desc = f"{b['index']} {json.dumps(b['params'])}: recall@10 {b['recall@10']}, {b['speedup_vs_flat']}x" if b \
+            else "none reached the recall target"
+        print(f"target at {v['n']} x {v['dim']}: {'MET' if v['target_met'] else 'MISSED'} ({desc})")
+    print(f"wrote {args.out} ({result['wall_s']} s)")
+    return 0
+
+
+def write_result(args, rows: list[dict], started: float, done: bool) -> dict:
+    """Verdicts (largest size measured, per dim) + settings + machine -> JSON, written atomically."""
     verdicts = []
     for dim in args.dims:
-        n = max(args.sizes)
+        sizes = [r["n"] for r in rows if r["dim"] == dim]
+        if not sizes:
+            continue
+        n = max(sizes)
         ok = [r for r in rows if r["n"] == n and r["dim"] == dim and r["index"] != "flat"
               and r["recall@10"] >= TARGET_RECALL and r["speedup_vs_flat"] >= TARGET_SPEEDUP]
         best = max(ok, key=lambda r: r["qps"], default=None)
@@ -221,11 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         verdicts.append({"n": n, "dim": dim, "target_met": best is not None, "best": best or close})
     result = {
         "benchmark": "retrieval", "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "complete": done,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "data": "synthetic: latent Gaussian mixture (low intrinsic dim) mapped to dim + isotropic noise, unit-normalised; queries from the same distribution",
+        "data": "synthetic: latent Gaussian mixture (low intrinsic dim) mapped to dim + isotropic noise, "
+                "unit-normalised; queries from the same distribution",
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                     "faiss": faiss.__version__, "numpy": np.__version__, "threads": args.threads,
-                    "peak_rss_mb": round(rss_mb(), 1)},
+                    "peak_rss_mb": round(rss_mb(), 1), "load_average_1m": round(os.getloadavg()[0], 2)},
         "target": {"recall@10": TARGET_RECALL, "speedup_vs_flat": TARGET_SPEEDUP}, "verdicts": verdicts,
         "rows": rows, "wall_s": round(time.time() - started, 1),
     }
@@ -233,20 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, args.out)
-
-    print(f"\n{'n':>8} {'dim':>5} {'index':9} {'params':52} {'build s':>8} {'MB':>8} {'q/s':>9} {'x flat':>7} "
-          f"{'ms/q':>7} {'R@10':>6}")
-    for r in rows:
-        print(f"{r['n']:8d} {r['dim']:5d} {r['index']:9} {json.dumps(r['params']):52} {r['build_s']:8.1f} "
-              f"{r['index_mb']:8.1f} {r['qps']:9.1f} {r['speedup_vs_flat']:7.1f} {r['latency_ms']:7.3f} "
-              f"{r['recall@10']:6.3f}")
-    for v in verdicts:
-        b = v["best"]
-        desc = f"{b['index']} {json.dumps(b['params'])}: recall@10 {b['recall@10']}, {b['speedup_vs_flat']}x" if b \
-            else "none reached the recall target"
-        print(f"target at {v['n']} x {v['dim']}: {'MET' if v['target_met'] else 'MISSED'} ({desc})")
-    print(f"wrote {args.out} ({result['wall_s']} s)")
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -83,9 +83,13 @@ def model_flops(model, size: int) -> float:
 
 
 # -- Triton load generator ----------------------------------------------------------------------------------------
-def load_point(url: str, protocol: str, model: str, size: int, concurrency: int, window: float,
-               warmup: float = 1.0) -> dict:
-    """``concurrency`` closed-loop clients (one tritonclient each) sending one image per request."""
+def load_point(url: str, protocol: str, model: str, size: int, concurrency: int, window: float) -> dict:
+    """``concurrency`` closed-loop clients (one tritonclient each) sending one image per request.
+
+    The clock starts once every client has had a reply (steady state) and stops after ``window`` seconds AND at
+    least 3 x concurrency replies (at most 4 x window): with multi-second latencies under load, a fixed short
+    window would count whole waves of replies or none.
+    """
     if protocol == "http":
         import tritonclient.http as tc
     else:
@@ -97,35 +101,50 @@ def load_point(url: str, protocol: str, model: str, size: int, concurrency: int,
         inp = tc.InferInput("PIXELS", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         clients.append((c, inp))
-    t0 = time.perf_counter()
-    measure_from, stop_at = t0 + warmup, t0 + warmup + window
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    stop = threading.Event()
+    lock = threading.Lock()
+    first_reply = [False] * concurrency
+    window_open: list[float] = []  # [start time] once set
+    latencies: list[float] = []
     errors: list[str] = []
 
     def client(i: int):
         c, inp = clients[i]
         out = [tc.InferRequestedOutput("EMBEDDING")]
-        while True:
+        while not stop.is_set():
             start = time.perf_counter()
-            if start >= stop_at:
-                break
             try:
                 c.infer(model, [inp], outputs=out)
             except Exception as e:  # noqa: BLE001 - reported, not hidden
                 errors.append(str(e)[:200])
                 continue
             end = time.perf_counter()
-            if measure_from <= end <= stop_at:  # completions inside the window count (standard closed loop)
-                latencies[i].append(end - start)
+            with lock:
+                first_reply[i] = True
+                if window_open and end >= window_open[0] and not stop.is_set():
+                    latencies.append(end - start)
         c.close()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
     for t in threads:
         t.start()
+    deadline = time.perf_counter() + 120.0
+    while not all(first_reply) and time.perf_counter() < deadline and len(errors) < 100:
+        time.sleep(0.01)
+    with lock:
+        window_open.append(time.perf_counter())
+    while True:
+        time.sleep(0.05)
+        with lock:
+            elapsed, done = time.perf_counter() - window_open[0], len(latencies)
+            if (elapsed >= window and done >= 3 * concurrency) or elapsed >= 4 * window:
+                stop.set()
+                break
     for t in threads:
         t.join()
-    lat = np.array([v for per in latencies for v in per]) * 1e3
-    return {"img_per_s": len(lat) / window, "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+    lat = np.array(latencies) * 1e3
+    return {"img_per_s": len(lat) / elapsed, "seconds": elapsed,
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None, "requests": int(len(lat)),
             "errors": len(errors), "first_error": errors[0] if errors else None}
 
@@ -169,13 +188,15 @@ def bench_model(key: str, size: int, args) -> dict:
     batch_sizes = [1, 4, 8, 16, 32] if full else [1, 8, 16]
     eager = in_process(model, size, batch_sizes, args.window / 2 if not full else args.window / 2)
     flops = model_flops(model, size)
-    roof_flops = matmul_flops(2.0)
+    matmul_samples = [matmul_flops(2.0)]
     conc = [1, 4, 16, 32]
     if full:
         points = [(p, b, c) for p in ("http", "grpc") for b in ("dynamic", "none") for c in conc]
     else:
         points = [("http", "dynamic", 1), ("http", "dynamic", 16), ("http", "none", 16), ("grpc", "dynamic", 16)]
     served = triton_points(key, model, size, args, points)
+    matmul_samples.append(matmul_flops(2.0))  # on a shared machine the rate moves: the roof is the best seen
+    roof_flops = max(matmul_samples)
     best = max(eager, key=lambda r: r["img_per_s"])
 
     def at(protocol, batching, c):
@@ -188,7 +209,7 @@ def bench_model(key: str, size: int, args) -> dict:
               "dyn_over_nobatch_c16_http": at("http", "dynamic", 16) / at("http", "none", 16),
               "served_over_compute_roof": dyn16 / roof, "inprocess_over_compute_roof": best["img_per_s"] / roof}
     return {"variant": variant, "input_size": size, "model_gflops_per_image": flops / 1e9,
-            "matmul_gflops_per_s": roof_flops / 1e9, "compute_roof_img_per_s": roof,
+            "matmul_gflops_per_s": roof_flops / 1e9, "matmul_gflops_samples": [m / 1e9 for m in matmul_samples], "compute_roof_img_per_s": roof,
             "in_process": eager, "in_process_best": best, "triton": served, "ratios": ratios}
 
 
@@ -253,8 +274,12 @@ def main(argv=None) -> int:
                         "dynamic_vs_batch1 (>= 1.5)": [round(q["dyn_over_nobatch_c16_http"], 3),
                                                        q["dyn_over_nobatch_c16_http"] >= 1.5]}
         if key == "vgg16":
+            # In-process above the "roof" means the matmul probe ran while other work held the cores: the
+            # roof is then too low to judge against, and the verdict says so rather than claiming a pass.
+            valid = q["inprocess_over_compute_roof"] <= 1.0
             targets[key]["compute_roof (>= 0.8)"] = [round(q["served_over_compute_roof"], 3),
-                                                     q["served_over_compute_roof"] >= 0.8]
+                                                     q["served_over_compute_roof"] >= 0.8 if valid else
+                                                     "inconclusive: in-process beat the measured roof"]
     results["targets"] = targets
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sustained load: a steady request rate against a real Triton server for a set time; nothing may fail or leak.
 
-    python bench/soak.py                          # 10 minutes at 4 requests/s (the default soak)
+    python bench/soak.py                          # 10 minutes at 3 requests/s (the default soak)
     python bench/soak.py --duration 120           # a short look (what bench/results/soak.json holds now)
     python bench/soak.py --rate 20 --duration 3600 --similar-fraction 0.5
 
@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--duration", type=float, default=600.0, help="seconds of load (default 600 = 10 min)")
-    p.add_argument("--rate", type=float, default=4.0, help="requests per second, steady (default 4; above the server's capacity latency grows without bound)")
+    p.add_argument("--rate", type=float, default=3.0,
+                   help="requests per second, steady (default 3; above the server's capacity latency grows)")
     p.add_argument("--window", type=float, default=10.0, help="seconds per reported window")
     p.add_argument("--warmup", type=float, default=None, help="seconds before memory counts (default 15%% of "
                    "--duration, at least one window)")

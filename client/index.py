@@ -106,11 +106,12 @@ class Journal:
 
 
 # ---- catalogue -> (id, path, metadata) ---------------------------------------------------------------------
-def catalogue_entries(source: str, root: str | None = None) -> list[tuple[str, Path, dict]]:
+def catalogue_entries(source: str, root: str | None = None,
+                      allow_outside_root: bool = False) -> list[tuple[str, Path, dict]]:
     """``(index id, image path, metadata)`` per catalogue image; ids unique (a clear error otherwise)."""
     from mildnet.data.catalogue import load_catalogue
 
-    items = load_catalogue(source, root=root)
+    items = load_catalogue(source, root=root, allow_outside_root=allow_outside_root)
     base = Path(root) if root else (Path(source) if Path(source).is_dir() else Path(source).parent)
     base = base.resolve()
     out, seen = [], {}
@@ -205,11 +206,15 @@ def build_index(entries: list[tuple[str, Path, dict]], out: Path, embedder, *, a
         index = create_index(dim, backend=backend, kind=kind, model_version=model_version,
                              **(backend_params or {}))
 
-    existing = read_index_header(out)["count"] if out.exists() else 0  # what a finished run left
+    existing = 0  # what a finished run left in `out` (to tell it apart from what a crashed run recovered)
+    if out.exists():
+        header = read_index_header(out)
+        existing = header.get("milvus", {}).get("count_at_save", header["count"])
     replayed = 0
     if journal.exists():
         for ids, metas, vecs in journal.replay(model_version, dim):
-            fresh = [j for j, i in enumerate(ids) if i not in index]  # a crash after the last checkpoint
+            known = set(index.present(ids))  # records already folded into .partial before the crash
+            fresh = [j for j, i in enumerate(ids) if i not in known]
             if fresh:
                 index.add([ids[j] for j in fresh], vecs[fresh], [metas[j] for j in fresh],
                           model_version=model_version)
@@ -221,7 +226,8 @@ def build_index(entries: list[tuple[str, Path, dict]], out: Path, embedder, *, a
         log(f"resumed an interrupted run: {recovered} embeddings recovered ({replayed} from "
             f"{journal.path.name}), not sent to the server again")
 
-    todo = [e for e in entries if e[0] not in index]
+    done_ids = set(index.present([e[0] for e in entries]))
+    todo = [e for e in entries if e[0] not in done_ids]
     skipped: list[str] = []
     since_checkpoint, done = 0, 0
     t0 = time.perf_counter()
@@ -279,6 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("catalogue", nargs="?", help="image folder, CSV/JSONL catalogue or Grocery dataset root")
     p.add_argument("--out", required=True, type=Path, help="index file to write (e.g. catalogue.mindex)")
     p.add_argument("--root", help="folder the catalogue's relative paths start from")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept catalogue paths outside the root (absolute or ../)")
     p.add_argument("--url", action="append", dest="urls",
                    help="Triton URL; repeat to spread requests over replicas (default localhost:8000, "
                         "or localhost:8001 with --protocol grpc)")
@@ -286,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--add", action="store_true", help="add the catalogue's items missing from an existing index")
     p.add_argument("--delete", nargs="+", metavar="ID", help="remove these ids from --out and exit")
     p.add_argument("--backend", choices=("faiss", "milvus"), default="faiss")
-    p.add_argument("--kind", choices=("auto", "flat", "hnsw"), default="auto", help="faiss index kind")
+    p.add_argument("--kind", choices=("auto", "flat", "hnsw", "ivfpq"), default="auto", help="faiss index kind")
     p.add_argument("--milvus-uri", help="Milvus server URI, or a local milvus-lite file (backend milvus)")
     p.add_argument("--collection", default="mildnet", help="Milvus collection (backend milvus)")
     p.add_argument("--chunk", type=int, default=64, help="images per journal record")
@@ -314,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             n = delete_items(args.out, args.delete)
             print(f"removed {n} item(s) from {args.out}")
             return EXIT_OK
-        entries = catalogue_entries(args.catalogue, args.root)
+        entries = catalogue_entries(args.catalogue, args.root, args.allow_outside_root)
         params = {"uri": args.milvus_uri, "collection": args.collection} if args.backend == "milvus" else {}
         with remote.TritonEmbedder(args.urls, protocol=args.protocol, concurrency=args.concurrency) as embedder:
             stats = build_index(entries, args.out, embedder, add=args.add, backend=args.backend,

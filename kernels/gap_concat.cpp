@@ -80,6 +80,9 @@ at::Tensor grad_of_pooled(const at::Tensor& grad_out, const at::Tensor& pooled, 
 namespace {
 
 at::Tensor gap_concat_composite(at::TensorList features, bool l2_normalize, double eps) {
+  // An empty list has no tensor to dispatch on, so say what is wrong here; the kernels check the rest (and the
+  // fake kernels under torch.compile, where sizes may be symbolic).
+  TORCH_CHECK_VALUE(!features.empty(), "mildnet::gap_concat: expected at least one feature map, got an empty list");
   static const auto forward = c10::Dispatcher::singleton()
                                   .findSchemaOrThrow("mildnet::gap_concat_forward", "")
                                   .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, bool, double)>();

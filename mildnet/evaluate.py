@@ -99,6 +99,8 @@ def evaluate_catalogue(embeddings: np.ndarray, items: Sequence, split: str | Non
                        ks: Sequence[int] = (1, 5, 10)) -> dict:
     """Retrieval tasks on one split of a catalogue whose ``embeddings[i]`` belongs to ``items[i]``
     (rows of NaN = unreadable image, left out). Returns ``{task: metrics}`` plus the rankings for the page."""
+    if all(it.split is None for it in items):
+        split = None  # a catalogue without splits: evaluate all of it
     ok = _finite(embeddings)
     in_split = [i for i, it in enumerate(items) if ok[i] and (split is None or it.split == split)]
     street = [i for i in in_split if items[i].domain == "street"]

@@ -8,7 +8,6 @@ only the entry points. Server tests reuse the session server of tests/conftest.p
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import struct
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-# -- inputs ----------------------------------------------------------------------------------------------------------
+# -- inputs -----------------------------------------------------------------------------------------------------------
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
@@ -118,7 +117,7 @@ def in_process(model, images) -> np.ndarray:
         return model(torch.stack([preprocess(b, model.spec) for b in images])).numpy()
 
 
-# -- images at the Triton models ----------------------------------------------------------------------------------
+# -- images at the Triton models --------------------------------------------------------------------------------------
 @pytest.mark.server
 @pytest.mark.parametrize("case", list(BAD_IMAGES))
 @pytest.mark.parametrize("model_name", ["mildnet_ensemble", "similar"])
@@ -150,7 +149,7 @@ def test_image_over_max_bytes_refused(remote, served_repository, photo):
     still_answers(remote, photo, served_repository[1])
 
 
-# -- tensors at `mildnet`, batches, k, filters ---------------------------------------------------------------------
+# -- tensors at `mildnet`, batches, k, filters ------------------------------------------------------------------------
 @pytest.mark.server
 @pytest.mark.parametrize("shape,dtype,triton_dtype,message", [
     ((1, 3, 64, 64), np.float32, "FP32", "unexpected shape"),  # another input size
@@ -215,7 +214,7 @@ def test_bad_filter(remote, served_repository, catalogue_index, photo, filter_te
     still_answers(remote, photo, served_repository[1])
 
 
-# -- the CLI: catalogues --------------------------------------------------------------------------------------------
+# -- the CLI: catalogues ----------------------------------------------------------------------------------------------
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([PY, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -275,7 +274,7 @@ def test_cli_export_refuses_bad_checkpoint(tmp_path, content, message):
     assert not list((tmp_path / "repo").glob("mildnet/[0-9]*"))  # nothing half-exported
 
 
-# -- the client scripts ------------------------------------------------------------------------------------------------
+# -- the client scripts -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["zero bytes", "html posing as jpeg", "truncated jpeg", "20000x20000 header",
                                   "decompression bomb"])
 def test_query_script_refuses_bad_image_without_a_server(tmp_path, photo, case):
@@ -294,8 +293,8 @@ def test_query_script_refuses_bad_image_without_a_server(tmp_path, photo, case):
 @pytest.mark.parametrize("args,code,message", [
     (["--k", "0"], 2, "--k must be >= 1"),
     (["--k", "2147483647"], 1, "larger than the catalogue"),
-    (["--filter", "colour=red"], 1, "unknown FILTER keys"),
-    (["--filter", "nokey"], 1, "expected KEY=VALUE"),
+    (["--k", "3", "--filter", "colour=red"], 1, "unknown FILTER keys"),
+    (["--k", "3", "--filter", "nokey"], 1, "expected KEY=VALUE"),
 ])
 def test_query_script_bad_arguments(triton_server, catalogue_index, grocery_photos, args, code, message):
     r = run_cli("client/query.py", str(grocery_photos[0]), "--url", triton_server.http_url, *args)
@@ -324,7 +323,7 @@ def test_index_script_skips_bad_images_and_refuses_bad_rows(triton_server, catal
     assert r.returncode == 1 and "leaves the catalogue root" in r.stderr and not (tmp_path / "b.mindex").exists()
 
 
-# -- HTML in metadata: escaped in every page we write ------------------------------------------------------------------
+# -- HTML in metadata: escaped in every page we write -----------------------------------------------------------------
 EVIL = '<script>alert("x")</script>'
 EVIL_ID = '<img src=x onerror=alert(1)>'
 

@@ -138,6 +138,99 @@ def test_catalogue_entries_ids_and_metadata(tmp_path, grocery_root):
     assert meta["note"] == "<b>Golden-Delicious</b> & co"
 
 
+def test_catalogue_entries_from_a_folder_tree(tmp_path, grocery_photos):
+    for i, p in enumerate(grocery_photos[:4]):
+        (tmp_path / ("Apple" if i < 2 else "Milk")).mkdir(exist_ok=True)
+        shutil.copyfile(p, tmp_path / ("Apple" if i < 2 else "Milk") / p.name)
+    entries = indexer.catalogue_entries(str(tmp_path))
+    assert sorted(e[0] for e in entries) == sorted(
+        f"{'Apple' if i < 2 else 'Milk'}/{p.name}" for i, p in enumerate(grocery_photos[:4]))
+    assert all(e[0].split("/")[0] in (e[2]["category"], e[2]["item_id"]) for e in entries)
+
+
+class FakeEmbedder:
+    """Stands in for TritonEmbedder in unit tests of the resume logic: a deterministic vector per image, a
+    log of what was sent, and a crash after ``crash_after`` images (like a kill -9 of the indexer)."""
+
+    urls = ["fake:0"]
+
+    def __init__(self, crash_after: int | None = None, version: str = "fake-1"):
+        self.sent: list[bytes] = []
+        self.crash_after, self.version = crash_after, version
+
+    def model_info(self, url=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(model_version=self.version, embedding_dim=8)
+
+    def embed_each(self, images):
+        out = []
+        for img in images:
+            if self.crash_after is not None and len(self.sent) >= self.crash_after:
+                raise KeyboardInterrupt("simulated crash")
+            self.sent.append(img)
+            v = np.random.default_rng(int.from_bytes(img[-8:], "little")).standard_normal(8).astype(np.float32)
+            out.append(v / np.linalg.norm(v))
+        return out
+
+
+def fake_entries(tmp_path: Path, n: int) -> list:
+    (tmp_path / "img").mkdir(exist_ok=True)
+    entries = []
+    for i in range(n):
+        p = tmp_path / "img" / f"{i}.jpg"
+        p.write_bytes(f"image number {i:08d}".encode())
+        entries.append((f"id-{i}", p, {"category": "even" if i % 2 == 0 else "odd", "path": str(p)}))
+    return entries
+
+
+@pytest.mark.parametrize("crash_after", [0, 7, 13, 20, 29])
+def test_resume_after_crash_embeds_each_item_once(tmp_path, crash_after):
+    entries, out = fake_entries(tmp_path, 30), tmp_path / "cat.mindex"
+    first = FakeEmbedder(crash_after=crash_after)
+    with pytest.raises(KeyboardInterrupt):
+        indexer.build_index(entries, out, first, chunk=3, checkpoint_every=6, progress=False)
+    assert not out.exists()
+    second = FakeEmbedder()
+    stats = indexer.build_index(entries, out, second, chunk=3, checkpoint_every=6, progress=False)
+    index = load_index(out)
+    assert sorted(index.ids()) == sorted(e[0] for e in entries)
+    journaled = crash_after // 3 * 3  # whole chunks reached the journal; the torn chunk is re-sent
+    assert stats["recovered"] == journaled and stats["embedded"] == 30 - journaled
+    assert sorted(first.sent[:journaled] + second.sent) == sorted(e[1].read_bytes() for e in entries)
+    assert not list(tmp_path.glob("cat.mindex.*"))
+
+
+def test_crash_between_checkpoint_and_journal_reset(tmp_path, monkeypatch):
+    """Journal records already folded into .partial must not be added twice."""
+    entries, out = fake_entries(tmp_path, 12), tmp_path / "cat.mindex"
+    calls = {"n": 0}
+    real_start = indexer.Journal.start
+
+    def start_then_crash(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first checkpoint: .partial is saved, the journal not yet emptied
+            raise KeyboardInterrupt("crash after the checkpoint")
+        real_start(self, *a)
+
+    monkeypatch.setattr(indexer.Journal, "start", start_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        indexer.build_index(entries, out, FakeEmbedder(), chunk=2, checkpoint_every=4, progress=False)
+    monkeypatch.setattr(indexer.Journal, "start", real_start)
+    assert len(load_index(out.with_name(out.name + ".partial"))) == 4
+    second = FakeEmbedder()
+    stats = indexer.build_index(entries, out, second, chunk=2, checkpoint_every=4, progress=False)
+    assert len(load_index(out)) == 12 and stats["recovered"] == 4 and len(second.sent) == 8
+
+
+def test_resume_refuses_another_model_version(tmp_path):
+    entries, out = fake_entries(tmp_path, 10), tmp_path / "cat.mindex"
+    with pytest.raises(KeyboardInterrupt):
+        indexer.build_index(entries, out, FakeEmbedder(crash_after=5), chunk=2, progress=False)
+    with pytest.raises(ValueError, match="fake-1.*fake-2"):
+        indexer.build_index(entries, out, FakeEmbedder(version="fake-2"), chunk=2, progress=False)
+
+
 # ---- a real server --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def catalogue_rows(grocery_root):
@@ -184,7 +277,7 @@ def test_every_catalogue_image_finds_itself_first(built_index, remote, catalogue
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("k", [1, 7])
 def test_query_script_local_index_filter_and_k(built_index, triton_server, catalogue_rows, k):
     _, out, _, _ = built_index
     photo, fine, coarse = catalogue_rows[4]

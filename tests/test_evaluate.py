@@ -66,8 +66,10 @@ def test_evaluate_catalogue_tasks(tmp_path):
     t = res["tasks"]
     assert t["photo_to_catalogue"]["recall@1"] == pytest.approx(2 / 3)  # p1 is nearer the pear image
     assert t["photo_to_catalogue"]["queries"] == 3  # the train photo is not a val query
-    # photo->photo leave-one-out: p0's only relevant is p1 at rank 2 (p2 is nearer? no: d(p0,p1)=1.0, d(p0,p2)=1.13)
-    assert t["photo_to_photo"]["per_class"]["pear"]["queries"] == 1
+    # photo->photo, leave-one-out among p0 p1 p2: p0's nearest is p1 (apple, right); p1's is p2 (pear, wrong);
+    # p2 (the only val pear) has nothing relevant and is left out of the recall
+    assert t["photo_to_photo"]["recall@1"] == pytest.approx(1 / 2)
+    assert t["photo_to_photo"]["queries_without_relevant"] == 1
     assert t["self_retrieval"]["top1_is_self"] == 1.0
 
     images = {i: torch.full((3, 8, 8), 40 * i, dtype=torch.uint8) for i in range(len(items))}

@@ -19,7 +19,7 @@ import torch
 
 from mildnet.imageio import preprocess
 from mildnet.index import create_index, load_index
-from mildnet.remote import RemoteInferenceError, ServerUnavailable, TritonEmbedder
+from mildnet.remote import ServerUnavailable, TritonEmbedder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,8 @@ def test_server_killed_during_load_then_restarted(served_repository, catalogue_i
     server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                           model_control_mode="none", log_file=tmp_path / "tritonserver.log")
     server.start()
-    clients = [TritonEmbedder(server.http_url, "http", timeout=15), TritonEmbedder(server.grpc_url, "grpc", timeout=15)]
+    clients = [TritonEmbedder(server.http_url, "http", timeout=15),
+               TritonEmbedder(server.grpc_url, "grpc", timeout=15)]
     try:
         hits_before = [c.similar(photos[0], k=3) for c in clients]
         outcomes: list[tuple[str, str]] = []  # (kind, detail)
@@ -102,19 +103,17 @@ def test_server_killed_during_load_then_restarted(served_repository, catalogue_i
         for t in threads:
             t.join(30)
         assert not any(t.is_alive() for t in threads), "a client hung after the server died"
-        kinds = {k for k, _ in outcomes}
         assert sum(k == "ok" for k, _ in outcomes[:killed_at]) >= 20
+        assert not any(k == "wrong" for k, _ in outcomes), "a wrong embedding came back"
         assert any(k == "unavailable" for k, _ in outcomes[killed_at:]), "no request noticed the dead server"
-        assert kinds <= {"ok", "unavailable"}, [o for o in outcomes if o[0] not in ("ok", "unavailable")][:5]
-        assert all("cannot reach Triton at" in d for k, d in outcomes if k == "unavailable")
 
-        deadline = time.monotonic() + 60  # the stubs watch their parent and must exit on their own
+        deadline = time.monotonic() + 30  # the stubs watch their parent and must exit on their own
         while any(alive(s) for s in stubs) and time.monotonic() < deadline:
             time.sleep(0.5)
-        orphans = [s for s in stubs if alive(s)]
+        orphans = {s: Path(f"/proc/{s}/cmdline").read_bytes().replace(b"\0", b" ").decode()[-160:]
+                   for s in stubs if alive(s)}
         for s in orphans:
             os.kill(s, signal.SIGKILL)
-        assert not orphans, f"Python stubs {orphans} outlived the killed server"
 
         server.process = None
         server.start()  # same ports: the clients keep their URLs
@@ -123,6 +122,12 @@ def test_server_killed_during_load_then_restarted(served_repository, catalogue_i
             after = c.similar(photos[0], k=3)
             assert [h.id for h in after] == [h.id for h in before]
             np.testing.assert_allclose([h.score for h in after], [h.score for h in before], atol=1e-5)
+        # Last, so the checks above run either way: EVERY failure during the crash must read as the server
+        # being unreachable, never as a refused input (client/index.py would skip such an image as "bad").
+        assert not orphans, f"Python stubs outlived the killed server by 30 s: {orphans}"
+        unclear = [o for o in outcomes if o[0] != "ok" and o[0] != "unavailable"]
+        assert not unclear, f"{len(unclear)} failures not reported as ServerUnavailable, e.g. {unclear[:3]}"
+        assert all("cannot reach Triton at" in d for k, d in outcomes if k == "unavailable")
     finally:
         for c in clients:
             c.close()
@@ -133,11 +138,11 @@ def test_server_killed_during_load_then_restarted(served_repository, catalogue_i
 @pytest.mark.server
 @pytest.mark.slow
 def test_indexer_killed_at_random_points_then_rerun(triton_server, served_repository, grocery_root, tmp_path):
-    """client/index.py is kill -9'd at 4 random moments (seeded) while it embeds, journals, checkpoints and
-    saves; a plain rerun then finishes with every catalogue item exactly once, each with its right vector."""
+    """client/index.py is kill -9'd at up to 4 random moments (seeded) while it embeds, journals, checkpoints
+    and saves; a plain rerun then finishes with every catalogue item exactly once, each with its right vector."""
     _, model, _ = served_repository
     listing = (grocery_root / "dataset" / "train.txt").read_text().splitlines()
-    sources = [grocery_root / "dataset" / line.split(",")[0].strip() for line in listing[::40][:24]]
+    sources = [grocery_root / "dataset" / line.split(",")[0].strip() for line in listing[::30][:36]]
     folder = tmp_path / "catalogue"
     (folder / "img").mkdir(parents=True)
     rows = ["path,item_id,category"]
@@ -147,16 +152,22 @@ def test_indexer_killed_at_random_points_then_rerun(triton_server, served_reposi
     (folder / "cat.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "cat.mindex"
     cmd = [sys.executable, "client/index.py", str(folder / "cat.csv"), "--out", str(out), "--url",
-           triton_server.http_url, "--chunk", "2", "--checkpoint-every", "4", "--no-progress", "--json"]
+           triton_server.http_url, "--chunk", "1", "--checkpoint-every", "5", "--no-progress"]
     journal, partial = out.with_name(out.name + ".journal"), out.with_name(out.name + ".partial")
+
+    def progress_mark():
+        return tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else None for p in (journal, partial, out))
+
     rng = np.random.default_rng(8)
-    kills = 0
-    for attempt in range(4):
+    kills = attempts = 0
+    while kills < 4 and attempts < 8:
+        attempts += 1
+        mark = progress_mark()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
-        while not (journal.exists() or out.exists()) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)  # wait until it really works (imports take seconds): then a random moment
-        time.sleep(float(rng.uniform(0.0, 2.5)))
+        while progress_mark() == mark and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)  # imports take seconds: wait until this run writes, then pick a random moment
+        time.sleep(float(rng.uniform(0.0, 0.8)))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -164,12 +175,11 @@ def test_indexer_killed_at_random_points_then_rerun(triton_server, served_reposi
         assert proc.returncode in (0, -signal.SIGKILL), err.decode()[-2000:]
         if proc.returncode == 0:
             break
-    assert kills >= 2, "the indexer finished before it could be killed twice: make the catalogue bigger"
+    assert kills >= 2, f"the indexer finished before it could be killed twice ({kills} kills): a bigger catalogue"
 
-    if out.exists() and not (journal.exists() or partial.exists()):
-        final = subprocess.run(cmd[:-1] + ["--add"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    else:
-        final = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    resuming = journal.exists() or partial.exists() or not out.exists()
+    final = subprocess.run(cmd + ([] if resuming else ["--add"]), cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
     assert final.returncode == 0, final.stderr[-2000:]
     assert not journal.exists() and not partial.exists()
     index = load_index(out)
@@ -182,7 +192,7 @@ def test_indexer_killed_at_random_points_then_rerun(triton_server, served_reposi
     assert index.get("img/05.jpg")[1]["item_id"] == "item5"
 
 
-# -- disk full while saving ---------------------------------------------------------------------------------------------
+# -- disk full while saving -------------------------------------------------------------------------------------------
 def small_and_big_index():
     rng = np.random.default_rng(0)
 
@@ -273,7 +283,7 @@ def test_disk_full_by_rlimit(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.mindex"]
 
 
-# -- readers racing writers ---------------------------------------------------------------------------------------------
+# -- readers racing writers -------------------------------------------------------------------------------------------
 RACE_SCRIPT = textwrap.dedent("""
     import json, sys, threading
     import numpy as np
@@ -367,9 +377,9 @@ def test_similar_reloads_a_changing_index_without_torn_reads(triton_server, cata
             try:
                 hits = client.similar(photos[i], k=3)
                 tags = {h.metadata["gen"] for h in hits}
-                if len(tags) != 1 or hits[0].id != f"{tags.pop()}-{ids[i]}":
+                if len(tags) != 1 or hits[0].id != f"{next(iter(tags))}-{ids[i]}":
                     problems.append(f"torn or wrong answer for {ids[i]}: {[(h.id, h.metadata) for h in hits]}")
-                answered.append(1)
+                answered.append(tags.pop())
             except Exception as e:  # noqa: BLE001
                 problems.append(f"{type(e).__name__}: {e}")
             r += 1
@@ -380,7 +390,7 @@ def test_similar_reloads_a_changing_index_without_torn_reads(triton_server, cata
         threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(c,)) for c in clients]
         for t in threads:
             t.start()
-        time.sleep(8)
+        time.sleep(12)
         stop.set()
         for t in threads:
             t.join(60)
@@ -391,6 +401,6 @@ def test_similar_reloads_a_changing_index_without_torn_reads(triton_server, cata
         for c in clients:
             c.close()
     assert not problems, problems[:5]
-    assert len(answered) >= 10
+    assert len(answered) >= 4 and set(answered) == {"A", "B"}, answered  # both generations were served
     with TritonEmbedder(triton_server.http_url) as c:  # the restored file is picked up again
         assert c.similar(photos[0], k=1)[0].id == ids[0]

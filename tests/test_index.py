@@ -285,3 +285,37 @@ def test_milvus_add_remove_persist(milvus_uri, tmp_path):
     assert again.search(vecs[5], k=1, filter={"rank": 2})[0][0].id == "item-5"
     with pytest.raises(ModelVersionError, match="test:1"):
         create_index(DIM, backend="milvus", uri=milvus_uri, collection="cat", model_version="other:9")
+
+
+# ---- IVF-PQ + exact re-ranking (the auto choice for the largest catalogues) --------------------------------
+def test_ivfpq_self_retrieval_filters_remove_roundtrip(tmp_path):
+    index, ids, vecs, meta = make(3000, "ivfpq", pq_dims_per_byte=4, nprobe=24)  # random data: finer codes
+    assert index.built_kind == "ivfpq"
+    hits = index.search(vecs[:300], k=5)
+    assert [h[0].id for h in hits] == ids[:300] and all(len(h) == 5 for h in hits)
+    assert all(h[0].score == pytest.approx(1.0, abs=1e-5) for h in hits)  # re-ranked with exact vectors
+    queries = unit(50, seed=7)
+    _, want = exact_topk(vecs, queries, 10)
+    got = index.search(queries, k=10)
+    recall = np.mean([len({h.id for h in g} & {ids[r] for r in w}) / 10 for g, w in zip(got, want)])
+    assert recall >= 0.9
+    row = index.search(vecs[1], k=20, filter={"category": "Milk", "rank": 1})[0]
+    assert len(row) == 20 and all(h.metadata["category"] == "Milk" and h.metadata["rank"] == 1 for h in row)
+    index.remove(["item-1"])
+    assert index.search(vecs[1], k=1)[0][0].id != "item-1"
+    index.save(tmp_path / "pq.mindex")
+    loaded = load_index(tmp_path / "pq.mindex")
+    assert loaded.built_kind == "ivfpq" and len(loaded) == 2999
+    a, b = index.search(queries, k=10), loaded.search(queries, k=10)
+    assert [[h.id for h in r] for r in a] == [[h.id for h in r] for r in b]
+
+
+def test_auto_moves_flat_to_hnsw_to_ivfpq():
+    index = create_index(DIM, model_version="m", auto_threshold=100, ivfpq_threshold=1500)
+    vecs = unit(1600, seed=3)
+    kinds = []
+    for start in range(0, 1600, 400):
+        index.add([f"x{i}" for i in range(start, start + 400)], vecs[start:start + 400])
+        kinds.append(index.built_kind)
+    assert kinds == ["hnsw", "hnsw", "hnsw", "ivfpq"]
+    assert index.search(vecs[1234], k=1)[0][0].id == "x1234"

@@ -52,11 +52,15 @@ def test_paper_sizes_round_as_published():
     assert round(n_params(meta_model("ranknet").parameters()) / 1e6, 1) == 68.3
 
 
-def test_vgg16_freezes_exactly_conv1_1_to_conv3_3():
-    model = meta_model("mildnet_vgg16")
+@pytest.mark.parametrize("name, upto, frozen_params", [
+    ("mildnet_vgg16", 16, 1_735_488),  # conv1_1..conv3_3 = torchvision features[:16]
+    ("mildnet_vgg19", 18, 2_325_568),  # conv1_1..conv3_4: the same blocks
+])
+def test_vgg_freezes_exactly_blocks_1_to_3(name, upto, frozen_params):
+    model = meta_model(name)
     feats = model.backbone.features
-    frozen = {id(p) for p in feats[:16].parameters()}
-    assert n_params(feats[:16].parameters()) == 1_735_488
+    frozen = {id(p) for p in feats[:upto].parameters()}
+    assert n_params(feats[:upto].parameters()) == frozen_params
     for p in model.parameters():
         assert p.requires_grad == (id(p) not in frozen)
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mildnet.cli import main
 from mildnet.data.catalogue import CatalogueError, CatalogueItem, grocery_catalogue
-from mildnet.data.triplets import TripletOptions, make_triplets, read_triplets, write_triplets
+from mildnet.data.triplets import TripletOptions, make_triplets, read_triplets
 
 
 def _catalogue(root: Path) -> list[CatalogueItem]:

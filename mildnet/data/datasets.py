@@ -39,8 +39,8 @@ def decode_resized(path: str | os.PathLike, spec: PreprocessSpec, name: str | No
 class ImageCache:
     """``uint8 Tensor[N, 3, S, S]`` of decoded, resized images with a path -> row index.
 
-    Built with :meth:`build`; saved (atomically) to ``cache_path`` and reused while the paths, their sizes and
-    modification times and the spec's geometry are unchanged.
+    Built with :meth:`build`; saved (atomically) to ``cache_path``, where each image is reused while its file
+    size and modification time and the spec's geometry are unchanged (several runs can share one file).
     """
 
     def __init__(self, paths: list[Path], images: torch.Tensor, bad: list[str]):
@@ -57,46 +57,71 @@ class ImageCache:
         return [self.index[Path(p)] for p in paths]
 
     @staticmethod
-    def _key(paths: Sequence[Path], spec: PreprocessSpec) -> str:
-        h = hashlib.sha256(json.dumps(_pixels_spec(spec).to_dict(), sort_keys=True).encode())
-        for p in paths:
-            try:
-                st = p.stat()
-                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(f"{p}\0missing\n".encode())
-        return h.hexdigest()
+    def _spec_key(spec: PreprocessSpec) -> str:
+        return json.dumps(_pixels_spec(spec).to_dict(), sort_keys=True)
+
+    @staticmethod
+    def _stamp(p: Path) -> str:
+        try:
+            st = p.stat()
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            return "missing"
 
     @classmethod
     def build(cls, paths: Sequence[os.PathLike], spec: PreprocessSpec, cache_path: str | os.PathLike | None = None,
               *, progress: bool = True) -> "ImageCache":
-        paths = list(dict.fromkeys(Path(p) for p in paths))  # unique, order kept
-        key = cls._key(paths, spec)
+        """Decode ``paths`` (unique, order kept). With ``cache_path``, images already in that file (same
+        geometry, same file size and mtime) are reused, only the others decoded, and the union saved back."""
+        from tqdm import tqdm
+
+        paths = list(dict.fromkeys(Path(p) for p in paths))
+        stored: dict[str, tuple[str, torch.Tensor]] = {}
+        stored_bad: dict[str, str] = {}
+        blob = None
         if cache_path is not None and Path(cache_path).is_file():
             try:
                 blob = torch.load(cache_path, map_location="cpu", weights_only=True)
-                if blob.get("key") == key:
-                    return cls([Path(p) for p in blob["paths"]], blob["images"], list(blob["bad"]))
-            except Exception:  # a stale or damaged cache is rebuilt, never trusted
-                pass
-        from tqdm import tqdm
-
+            except Exception:  # a damaged cache is rebuilt, never trusted
+                blob = None
+        if blob and blob.get("spec") == cls._spec_key(spec):
+            stored = {p: (st, blob["images"][i]) for i, (p, st) in enumerate(zip(blob["paths"], blob["stamps"]))}
+            stored_bad = dict(blob.get("bad", {}))
         s = spec.input_size
         images = torch.empty((len(paths), 3, s, s), dtype=torch.uint8)
         good: list[Path] = []
         bad: list[str] = []
-        for p in tqdm(paths, desc=f"decoding images ({s}px)", disable=not progress, leave=False):
+        todo = []
+        for p in paths:
+            stamp = cls._stamp(p)
+            hit = stored.get(str(p))
+            if hit is not None and hit[0] == stamp:
+                images[len(good)] = hit[1]
+                good.append(p)
+            elif str(p) in stored_bad and stored_bad[str(p)].startswith(stamp + "|"):
+                bad.append(stored_bad[str(p)].split("|", 1)[1])
+            else:
+                todo.append(p)
+        new_bad: dict[str, str] = {}
+        for p in tqdm(todo, desc=f"decoding images ({s}px)", disable=not progress or not todo, leave=False):
             try:
                 images[len(good)] = decode_resized(p, spec)
                 good.append(p)
             except ImageDecodeError as e:
                 bad.append(str(e))
+                new_bad[str(p)] = f"{cls._stamp(p)}|{e}"
         for msg in bad:
             warnings.warn(f"skipping unreadable image: {msg}", stacklevel=2)
         cache = cls(good, images[:len(good)].clone(), bad)
-        if cache_path is not None:
-            atomic_torch_save({"key": key, "paths": [str(p) for p in good], "images": cache.images, "bad": bad},
-                              cache_path)
+        if cache_path is not None and (todo or blob is None):
+            merged = {p: st_img for p, st_img in stored.items()}
+            for i, p in enumerate(good):
+                merged[str(p)] = (cls._stamp(p), cache.images[i])
+            keys = list(merged)
+            atomic_torch_save({"spec": cls._spec_key(spec), "paths": keys, "stamps": [merged[k][0] for k in keys],
+                               "images": torch.stack([merged[k][1] for k in keys]) if keys
+                               else torch.empty((0, 3, s, s), dtype=torch.uint8),
+                               "bad": {**stored_bad, **new_bad}}, cache_path)
         return cache
 
 

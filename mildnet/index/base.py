@@ -132,7 +132,7 @@ class Index(abc.ABC):
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
             raise DuplicateIdError(f"id {dup!r} appears more than once in one add() call")
-        present = [i for i in ids if i in self]
+        present = self.present(ids)
         if present:
             raise DuplicateIdError(f"{len(present)} id(s) already in the index (e.g. {present[0]!r}): "
                                    "remove them first to replace them")
@@ -141,10 +141,15 @@ class Index(abc.ABC):
         if ids:
             self._add(ids, vectors, [dict(m) for m in metadata])
 
+    def present(self, ids: Sequence[str]) -> list[str]:
+        """Those of ``ids`` that the index holds, in order (one batched lookup on remote backends)."""
+        return [i for i in ids if i in self]
+
     def remove(self, ids: Iterable[str]) -> int:
-        """Remove the given ids (no rebuild). Unknown ids raise ``KeyError``-free ValueError; returns the count."""
+        """Remove the given ids without a rebuild; returns how many. Any unknown id: ValueError, nothing removed."""
         ids = list(dict.fromkeys(ids))
-        missing = [i for i in ids if i not in self]
+        present = set(self.present(ids))
+        missing = [i for i in ids if i not in present]
         if missing:
             raise ValueError(f"{len(missing)} id(s) not in the index (e.g. {missing[0]!r})")
         if ids:

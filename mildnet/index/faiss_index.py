@@ -3,17 +3,20 @@
 Kinds:
 * ``flat``: exact inner-product search (``IndexFlatIP``). Best for small catalogues.
 * ``hnsw``: graph ANN (``IndexHNSWFlat``); params ``hnsw_m``, ``ef_construction``, ``ef_search``.
-* ``auto`` (default): ``flat`` below ``auto_threshold`` live items, ``hnsw`` from there on (the index
-  switches once, when an ``add`` crosses the threshold). The threshold and HNSW defaults come from
-  ``bench/retrieval.py`` (see docs/retrieval.md).
+* ``ivfpq``: IVF (sqrt(N) lists, ``nprobe`` visited) over PQ codes shortlists ``k * rerank_factor`` items,
+  re-ranked with the exact vectors (kept in a flat store); retrained when the index grows 4x. Until it has
+  ``IVFPQ_MIN_TRAIN`` items to train on, it searches exactly.
+* ``auto`` (default): ``flat`` below ``auto_threshold``, ``hnsw`` up to ``ivfpq_threshold``, ``ivfpq`` above
+  (the index switches when an ``add`` crosses a threshold). Thresholds and defaults come from
+  ``bench/retrieval.py`` (see docs/scaling.md).
 
 String ids map to our own int64 labels (a counter) through an ``IndexIDMap2``. Removal needs no rebuild:
-``flat`` deletes rows in place; HNSW graphs cannot drop nodes, so removed labels become tombstones that an
-``IDSelector`` hides from every search (compacted by a rebuild once they pass a quarter of the graph).
+``flat`` and ``ivfpq`` delete in place; HNSW graphs cannot drop nodes, so removed labels become tombstones
+that an ``IDSelector`` hides from every search (compacted by a rebuild once they pass a quarter of the graph).
 
 Filters (metadata equality) turn into the set of matching labels (an inverted index per key) and reach FAISS
-as an ``IDSelectorBatch``: ``flat`` then searches exactly among the matches. HNSW may find fewer than k
-matches when the filter is very selective; those queries fall back to an exact search over the matching
+as an ``IDSelectorBatch``: ``flat`` then searches exactly among the matches. HNSW and IVF-PQ may find fewer
+than k matches when the filter is very selective; those queries fall back to an exact search over the matching
 vectors, so ``min(k, matches)`` hits always come back.
 """
 from __future__ import annotations
@@ -27,14 +30,26 @@ import numpy as np
 from .base import Hit, Index, IndexFileError, exact_topk, filter_token
 from .store import IndexPayload, write_index_file
 
-KINDS = ("auto", "flat", "hnsw")
-# Chosen from bench/results/retrieval.json: below this many items exact search is fast enough (and exact).
-AUTO_THRESHOLD = 100_000
+KINDS = ("auto", "flat", "hnsw", "ivfpq")
+# From bench/results/retrieval.json (docs/scaling.md), 512-d, 2 threads: one exact query scans every vector
+# (~115 ms at 100k and ~960 ms at 1M on the shared 2-core machine), HNSW answers in 1-3 ms. Below ~50k
+# items exactness is worth a few ms per query and costs no build. efSearch=128: recall@10 0.988 at 100k,
+# 0.946 at 1M with this graph (M=16, efConstruction=40); raise ef_search/hnsw_m for bigger catalogues.
+# At 1M, IVF-PQ (sqrt(N) lists, 16 dims per code byte) shortlisting k*20 candidates that are re-ranked
+# exactly reached recall@10 0.956-0.962 at 62-63x exact q/s (bench/results/retrieval_ivfpq_1m.json), where
+# this HNSW reached 0.946 at 34x; at 100k HNSW is the better one. Between the two sizes is unmeasured:
+# the switch sits at 1M, where it was measured.
+AUTO_THRESHOLD = 50_000
+IVFPQ_MIN_TRAIN = 1_000  # PQ needs 256 training points per sub-quantizer; IVF needs >= nlist
 DEFAULT_PARAMS: dict[str, Any] = {
     "auto_threshold": AUTO_THRESHOLD,
-    "hnsw_m": 32,
-    "ef_construction": 80,
-    "ef_search": 128,
+    "ivfpq_threshold": 1_000_000,  # auto: HNSW below, IVF-PQ + exact re-ranking from here
+    "hnsw_m": 16,  # graph degree: memory N*M*8 bytes on top of the vectors
+    "ef_construction": 40,
+    "ef_search": 128,  # raised to k when k is larger
+    "nprobe": 16,  # IVF lists visited per query
+    "rerank_factor": 20,  # IVF-PQ shortlist = k * this, re-ranked with the exact vectors
+    "pq_dims_per_byte": 16,
 }
 _TOMBSTONE_REBUILD_FRACTION = 0.25
 
@@ -65,12 +80,14 @@ class FaissIndex(Index):
         self._key_counts: Counter[str] = Counter()
         self._deleted: set[int] = set()  # HNSW tombstones
         self._next_label = 0
-        self._built_kind = "flat" if kind in ("auto", "flat") else kind
+        self._built_kind = "hnsw" if kind == "hnsw" else "flat"  # ivfpq: flat until there is data to train
         self._index = self._new_faiss_index(self._built_kind)
+        self._ann: faiss.IndexIVFPQ | None = None  # ivfpq: the shortlist index (labels = ours)
+        self._trained_n = 0
 
     # ---- construction --------------------------------------------------------------------------------
     def _new_faiss_index(self, kind: str) -> faiss.IndexIDMap2:
-        if kind == "flat":
+        if kind in ("flat", "ivfpq"):  # ivfpq keeps the exact vectors here for re-ranking
             inner = faiss.IndexFlatIP(self.dim)
         else:
             inner = faiss.IndexHNSWFlat(self.dim, int(self.params["hnsw_m"]), faiss.METRIC_INNER_PRODUCT)
@@ -80,7 +97,7 @@ class FaissIndex(Index):
 
     @property
     def built_kind(self) -> str:
-        """The structure in use now (``flat`` or ``hnsw``); differs from ``kind`` when that is ``auto``."""
+        """The structure in use now (``flat``, ``hnsw`` or ``ivfpq``); differs from ``kind`` when that is ``auto``."""
         return self._built_kind
 
     def _rebuild(self, kind: str) -> None:
@@ -89,8 +106,26 @@ class FaissIndex(Index):
         self._index = self._new_faiss_index(kind)
         self._built_kind = kind
         self._deleted.clear()
+        self._ann, self._trained_n = None, 0
         if len(labels):
             self._index.add_with_ids(vectors, labels)
+        if kind == "ivfpq":
+            self._ann = self._train_ivfpq(vectors)
+            self._ann.add_with_ids(vectors, labels)
+            self._trained_n = len(labels)
+
+    def _train_ivfpq(self, vectors: np.ndarray) -> faiss.IndexIVFPQ:
+        """IVF (sqrt(N) lists) + PQ codes of D / pq_dims_per_byte bytes, trained on (a sample of) ``vectors``."""
+        n = len(vectors)
+        nlist = int(min(max(16, np.sqrt(n)), n // 39 or 1))
+        m = max(1, self.dim // int(self.params["pq_dims_per_byte"]))
+        while self.dim % m:  # PQ needs m | D
+            m -= 1
+        quantizer = faiss.IndexFlatIP(self.dim)
+        ann = faiss.IndexIVFPQ(quantizer, self.dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        sample = vectors[np.random.default_rng(0).choice(n, min(n, max(40 * nlist, 256 * 40)), replace=False)]
+        ann.train(sample)
+        return ann
 
     def _vectors_of(self, labels: np.ndarray) -> np.ndarray:
         """Exact stored vectors ``float32[len(labels), D]`` (IDMap2 keeps the label -> row map)."""
@@ -122,8 +157,23 @@ class FaissIndex(Index):
         self._next_label += len(ids)
         for item_id, label, meta in zip(ids, labels.tolist(), metadata):
             self._register(item_id, label, meta)
-        if self.kind == "auto" and self._built_kind == "flat" and len(self) >= self.params["auto_threshold"]:
-            self._rebuild("hnsw")
+        if self._ann is not None:
+            self._ann.add_with_ids(vectors, labels)
+        target = self._kind_for(len(self))
+        if target != self._built_kind:
+            self._rebuild(target)
+        elif target == "ivfpq" and len(self) > 4 * self._trained_n:  # lists grew 4x: retrain
+            self._rebuild("ivfpq")
+
+    def _kind_for(self, n: int) -> str:
+        """The structure ``kind`` calls for at ``n`` items."""
+        if self.kind == "ivfpq":
+            return "ivfpq" if n >= IVFPQ_MIN_TRAIN else "flat"
+        if self.kind != "auto":
+            return self.kind
+        if n >= self.params["ivfpq_threshold"]:
+            return "ivfpq"
+        return "hnsw" if n >= self.params["auto_threshold"] else "flat"
 
     def _register(self, item_id: str, label: int, meta: dict) -> None:
         self._label_of[item_id] = label
@@ -143,8 +193,10 @@ class FaissIndex(Index):
                 if not bucket:
                     del self._inverted[key][filter_token(value)]
                 self._key_counts[key] -= 1
-        if self._built_kind == "flat":
+        if self._built_kind in ("flat", "ivfpq"):
             self._index.remove_ids(np.asarray(labels, dtype=np.int64))
+            if self._ann is not None:
+                self._ann.remove_ids(np.asarray(labels, dtype=np.int64))
         else:  # HNSW cannot unlink nodes: hide them, compact when they pile up
             self._deleted.update(labels)
             if len(self._deleted) > _TOMBSTONE_REBUILD_FRACTION * self._index.ntotal:
@@ -175,10 +227,13 @@ class FaissIndex(Index):
             selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self._deleted, np.int64)))
         else:
             selector = None
-        params = self._search_params(selector)
-        if self._built_kind == "hnsw":  # efSearch must cover k or HNSW returns fewer
-            params.efSearch = max(int(self.params["ef_search"]), want)
-        scores, labels = self._index.search(queries, want, params=params)
+        if self._ann is not None:
+            scores, labels = self._search_ivfpq(queries, want, selector)
+        else:
+            params = self._search_params(selector)
+            if self._built_kind == "hnsw":  # efSearch must cover k or HNSW returns fewer
+                params.efSearch = max(int(self.params["ef_search"]), want)
+            scores, labels = self._index.search(queries, want, params=params)
         short = np.flatnonzero((labels < 0).any(axis=1))
         if len(short):  # HNSW missed matches under a selective filter: exact search over the candidates
             cand = allowed if allowed is not None else np.fromiter(self._label_of.values(), np.int64)
@@ -186,6 +241,26 @@ class FaissIndex(Index):
             scores[short], labels[short] = s, cand[rows]
         return [[Hit(self._id_of[int(l)], float(s), dict(self._meta[int(l)]))
                  for s, l in zip(srow, lrow) if l >= 0] for srow, lrow in zip(scores, labels)]
+
+    def _search_ivfpq(self, queries: np.ndarray, want: int, selector) -> tuple[np.ndarray, np.ndarray]:
+        """Shortlist ``want * rerank_factor`` by PQ codes, then rank the shortlist by exact inner product.
+        Rows whose shortlist holds fewer than ``want`` candidates come back as -1 (the caller falls back)."""
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=int(self.params["nprobe"]))
+        _, short = self._ann.search(queries, want * int(self.params["rerank_factor"]), params=params)  # (Q, S)
+        scores = np.full((len(queries), want), -np.inf, np.float32)
+        labels = np.full((len(queries), want), -1, np.int64)
+        full = np.flatnonzero((short >= 0).sum(axis=1) >= want)
+        for start in range(0, len(full), 256):  # chunks bound the gathered vectors: 256 x S x D floats
+            rows = full[start:start + 256]
+            cand = short[rows]  # (R, S), -1 = empty slot
+            vecs = self._vectors_of(np.where(cand >= 0, cand, cand.max()).ravel())  # (R*S, D)
+            s = np.matmul(vecs.reshape(*cand.shape, self.dim), queries[rows, :, None])[..., 0]  # (R, S)
+            s[cand < 0] = -np.inf
+            top = np.argpartition(-s, want - 1, axis=1)[:, :want]
+            order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
+            top = np.take_along_axis(top, order, 1)
+            scores[rows], labels[rows] = np.take_along_axis(s, top, 1), np.take_along_axis(cand, top, 1)
+        return scores, labels
 
     # ---- persistence ---------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -204,6 +279,10 @@ class FaissIndex(Index):
             header["faiss"] = {"built_kind": "hnsw", "labels": labels.tolist(),
                                "deleted": sorted(self._deleted), "next_label": self._next_label}
             blob = faiss.serialize_index(self._index).tobytes()
+        elif self._built_kind == "ivfpq":  # keep the trained codebooks: retraining takes minutes at 1M
+            header["faiss"] = {"built_kind": "ivfpq", "labels": labels.tolist(), "deleted": [],
+                               "next_label": self._next_label, "trained_n": self._trained_n}
+            blob = faiss.serialize_index(self._ann).tobytes()
         return IndexPayload(header=header, vectors=self._vectors_of(labels), blob=blob)
 
     def save(self, path) -> None:
@@ -218,15 +297,15 @@ class FaissIndex(Index):
         except ValueError as e:
             raise IndexFileError(f"{source}: invalid index settings ({e})") from None
         saved = h.get("faiss")
-        if saved and saved.get("built_kind") == "hnsw" and len(payload.blob):
+        if saved and saved.get("built_kind") in ("hnsw", "ivfpq") and len(payload.blob):
             index._restore_graph(payload, saved, source)
         else:
             index._add_loaded(list(h["ids"]), payload.vectors, list(h["metadata"]))
         return index
 
     def _add_loaded(self, ids: list[str], vectors: np.ndarray, metadata: list[dict]) -> None:
-        self._built_kind = "hnsw" if (self.kind == "hnsw" or (self.kind == "auto" and len(ids) >= self.params[
-            "auto_threshold"])) else "flat"
+        target = self._kind_for(len(ids))
+        self._built_kind = "flat" if target == "ivfpq" else target  # ivfpq: trained by the add below
         self._index = self._new_faiss_index(self._built_kind)
         if ids:
             self.add(ids, np.array(vectors, dtype=np.float32), metadata)
@@ -242,8 +321,15 @@ class FaissIndex(Index):
                 or len(labels) != len(h["ids"])):
             raise IndexFileError(f"{source}: stored FAISS graph does not match the header "
                                  f"(d={graph.d}, ntotal={graph.ntotal}, ids={len(h['ids'])})")
-        self._index = faiss.downcast_index(graph) if not isinstance(graph, faiss.IndexIDMap2) else graph
-        self._built_kind = "hnsw"
+        if saved["built_kind"] == "ivfpq":
+            self._ann, self._trained_n = graph, int(saved["trained_n"])
+            self._index = self._new_faiss_index("ivfpq")
+            if labels:
+                self._index.add_with_ids(np.ascontiguousarray(payload.vectors, np.float32),
+                                         np.asarray(labels, np.int64))
+        else:
+            self._index = graph
+        self._built_kind = saved["built_kind"]
         self._deleted = set(int(x) for x in saved["deleted"])
         self._next_label = int(saved["next_label"])
         for item_id, label, meta in zip(h["ids"], labels, h["metadata"]):

@@ -108,6 +108,14 @@ class MilvusIndex(Index):
     def __contains__(self, item_id: object) -> bool:
         return isinstance(item_id, str) and bool(self._c.query(self.collection, ids=[item_id], output_fields=["id"]))
 
+    def present(self, ids) -> list[str]:
+        ids = list(ids)
+        found: set[str] = set()
+        for start in range(0, len(ids), _BATCH):  # one round trip per batch, not per id
+            rows = self._c.query(self.collection, ids=ids[start:start + _BATCH], output_fields=["id"])
+            found.update(r["id"] for r in rows)
+        return [i for i in ids if i in found]
+
     def ids(self) -> list[str]:
         out: list[str] = []
         it = self._c.query_iterator(self.collection, batch_size=_BATCH, filter="", output_fields=["id"])

@@ -236,10 +236,10 @@ _register("effnet_lite0_gap", "zero-shot: ImageNet EfficientNet-Lite0, head map 
 
 
 # -- baselines ------------------------------------------------------------------------------------------------
-def _multiscale(depth: int, variant: str):
+def _multiscale(style: str, variant: str):
     def build(pretrained: bool = False, input_size: int | None = None,
               weights_path: str | os.PathLike | None = None) -> ZooModel:
-        model = MultiScaleRanking(depth, variant=variant, spec=_spec(VGG_SPEC, input_size),
+        model = MultiScaleRanking(style, variant=variant, spec=_spec(VGG_SPEC, input_size),
                                   model_kwargs=_kwargs(input_size))
         if pretrained or weights_path is not None:
             _load_vgg_weights(model.backbone, weights_path)
@@ -248,9 +248,9 @@ def _multiscale(depth: int, variant: str):
 
 
 _register("visnet", "baseline VisNet (Flipkart): VGG16 + two shallow branches, 4096-d", paper=True)(
-    _multiscale(16, "visnet"))
+    _multiscale("visnet", "visnet"))
 _register("ranknet", "baseline RankNet / multi-scale Deep Ranking: VGG19 + two shallow branches, 4096-d",
-          paper=True)(_multiscale(19, "ranknet"))
+          paper=True)(_multiscale("ranknet", "ranknet"))
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------

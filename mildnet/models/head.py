@@ -40,6 +40,7 @@ class ZooModel(nn.Module):
     """
 
     variant: str = ""
+    memory_format: torch.memory_format = torch.channels_last
     model_kwargs: dict[str, Any]
     spec: PreprocessSpec
     embedding_dim: int
@@ -51,7 +52,13 @@ class ZooModel(nn.Module):
         if spec.input_size < self.min_input_size:
             raise ModelInputError(f"{variant}: input_size {spec.input_size} is below the minimum "
                                   f"{self.min_input_size} this network allows")
-        self.to(memory_format=torch.channels_last)
+        self.set_memory_format(torch.channels_last)
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> "ZooModel":
+        """Convert weights and (in forward) inputs to ``memory_format``. channels_last is the default: on CPU
+        (oneDNN) and on tensor-core GPUs it is the layout convolutions run fastest in; NCHW is for comparison."""
+        self.memory_format = memory_format
+        return self.to(memory_format=memory_format)
 
     # -- frozen layers -------------------------------------------------------------------------------
     def frozen_modules(self) -> list[nn.Module]:
@@ -93,7 +100,7 @@ class ZooModel(nn.Module):
             raise ModelInputError(f"{self.variant}: image {h}x{w} is smaller than the {self.min_input_size}x"
                                   f"{self.min_input_size} this network allows (spec input size "
                                   f"{self.spec.input_size})")
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=self.memory_format)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:

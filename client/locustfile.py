@@ -1,0 +1,149 @@
+"""Load test of a mildnet Triton server: simulated users send real photos to ``mildnet_ensemble`` (embed) and
+``similar`` (visual search) over HTTP and gRPC.
+
+    locust -f client/locustfile.py --headless -u 8 -r 8 -t 60s --host http://127.0.0.1:8000 \\
+        --grpc-host 127.0.0.1:8001 --images path/to/photos --csv out/locust --html out/locust.html
+    make loadtest                       # the same, results under bench/results/locust/
+
+Half the users speak HTTP, half gRPC; each user owns its own tritonclient client (the HTTP client is not
+thread-safe, and gevent runs every user in one thread). gRPC runs on gevent after
+``grpc.experimental.gevent.init_gevent()``, called before any channel exists. A response counts as a
+failure when Triton returns an error or the output is malformed (wrong shape, NaN, no hits), so a clean run
+proves the server answered every request correctly under load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import grpc.experimental.gevent as grpc_gevent
+
+grpc_gevent.init_gevent()  # before tritonclient.grpc opens any channel
+
+import numpy as np  # noqa: E402
+from locust import User, between, events, task  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "grocery" / "dataset" / "val"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+_images: list[bytes] = []
+
+
+@events.init_command_line_parser.add_listener
+def _add_options(parser) -> None:
+    parser.add_argument("--images", type=str, env_var="MILDNET_LOCUST_IMAGES", default=str(DEFAULT_IMAGES),
+                        help="folder of query photos (searched recursively)")
+    parser.add_argument("--max-images", type=int, env_var="MILDNET_LOCUST_MAX_IMAGES", default=200,
+                        help="load at most this many photos into memory")
+    parser.add_argument("--grpc-host", type=str, env_var="MILDNET_GRPC_URL", default="127.0.0.1:8001",
+                        help="Triton gRPC host:port (HTTP uses --host)")
+    parser.add_argument("--k", type=int, env_var="MILDNET_LOCUST_K", default=5, help="k for `similar`")
+
+
+@events.init.add_listener
+def _load_images(environment, **_kw) -> None:
+    opts = environment.parsed_options
+    if opts is None:
+        return
+    folder = Path(opts.images)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise SystemExit(f"locustfile: no images (*{', *'.join(IMAGE_SUFFIXES)}) under {folder}; set --images")
+    random.Random(0).shuffle(files)
+    _images[:] = [p.read_bytes() for p in files[: opts.max_images]]
+
+
+class _TritonUser(User):
+    """Shared task logic; subclasses provide ``protocol`` and ``_connect``."""
+
+    abstract = True
+    wait_time = between(0.0, 0.05)
+    protocol = "?"
+
+    def on_start(self) -> None:
+        self.client = self._connect()
+        self.k = int(self.environment.parsed_options.k)
+
+    def on_stop(self) -> None:
+        close = getattr(self.client, "close", None)
+        if close:
+            close()
+
+    def _call(self, name: str, inputs, outputs: list[str], check) -> None:
+        """One inference, timed and reported to locust; ``check(result)`` raises on a malformed answer."""
+        start = time.perf_counter()
+        exc, size = None, 0
+        try:
+            result = self.client.infer(name, inputs, outputs=[self._mod.InferRequestedOutput(o) for o in outputs])
+            arrays = {o: result.as_numpy(o) for o in outputs}
+            size = sum(a.nbytes for a in arrays.values() if a is not None)
+            check(arrays)
+        except Exception as e:  # noqa: BLE001 - every failure is a reported failure, never a crash
+            # tritonclient's exceptions have an empty repr; locust groups failures by it
+            exc = RuntimeError(f"{type(e).__name__}: {str(e)[:300]}")
+        self.environment.events.request.fire(
+            request_type=self.protocol, name=name, response_time=(time.perf_counter() - start) * 1000,
+            response_length=size, exception=exc, context={})
+
+    def _image_input(self):
+        t = self._mod.InferInput("IMAGE", [1, 1], "BYTES")
+        t.set_data_from_numpy(np.array([[random.choice(_images)]], dtype=object))
+        return t
+
+    @task(3)
+    def embed(self) -> None:
+        def check(out):
+            e = out["EMBEDDING"]
+            if e is None or e.ndim != 2 or e.shape[0] != 1 or not np.isfinite(e).all():
+                raise ValueError(f"malformed EMBEDDING {None if e is None else e.shape}")
+            if abs(float(np.linalg.norm(e)) - 1.0) > 1e-3:
+                raise ValueError("embedding is not unit-norm")
+
+        self._call("mildnet_ensemble", [self._image_input()], ["EMBEDDING"], check)
+
+    @task(1)
+    def similar(self) -> None:
+        k = self._mod.InferInput("K", [1, 1], "INT32")
+        k.set_data_from_numpy(np.array([[self.k]], dtype=np.int32))
+
+        def check(out):
+            ids, scores, meta = out["IDS"], out["SCORES"], out["METADATA"]
+            if ids is None or ids.shape[-1] < 1 or scores.shape != ids.shape:
+                raise ValueError("similar returned no hits")
+            if not np.all(np.diff(scores[0]) <= 1e-6):
+                raise ValueError("similar's scores are not sorted")
+            json.loads(meta[0][0])
+
+        self._call("similar", [self._image_input(), k], ["IDS", "SCORES", "METADATA"], check)
+
+
+class HttpTritonUser(_TritonUser):
+    protocol = "HTTP"
+
+    def _connect(self):
+        import tritonclient.http as mod
+
+        self._mod = mod
+        host = (self.host or "http://127.0.0.1:8000").split("://", 1)[-1].rstrip("/")
+        return mod.InferenceServerClient(host, connection_timeout=60, network_timeout=60)
+
+
+class GrpcTritonUser(_TritonUser):
+    protocol = "gRPC"
+
+    def _connect(self):
+        import tritonclient.grpc as mod
+
+        self._mod = mod
+        return mod.InferenceServerClient(self.environment.parsed_options.grpc_host)
+
+
+if os.environ.get("MILDNET_LOCUST_PROTOCOLS"):  # e.g. "http" to run one protocol only
+    _wanted = {p.strip().lower() for p in os.environ["MILDNET_LOCUST_PROTOCOLS"].split(",")}
+    if "http" not in _wanted:
+        HttpTritonUser.abstract = True
+    if "grpc" not in _wanted:
+        GrpcTritonUser.abstract = True
