@@ -6,6 +6,7 @@ embedding dim, so nothing downstream has to guess them.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -14,15 +15,31 @@ from typing import Any
 import torch
 
 FORMAT = "mildnet-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: carries weights_sha256, checked on read
 
 
 class CheckpointError(ValueError):
     """A file is not a usable mildnet checkpoint; the message says why."""
 
 
+def _os_error_behind(exc: BaseException) -> OSError | None:
+    """The OSError that caused ``exc``, if any: torch.save reports a failed write (ENOSPC, EFBIG, EIO) as
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...`` with the OSError as its context."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    """``torch.save`` to a temp file in the same folder, fsync, then rename: a crash never leaves half a file.
+
+    A failed write (disk full, file too large) raises the ``OSError`` itself (``errno`` kept, ``path`` named),
+    leaving the previous file untouched and no temp file behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -32,29 +49,53 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = _os_error_behind(e)
+        if cause is not None and cause.errno is not None:
+            raise OSError(cause.errno, f"cannot write checkpoint: {cause.strerror}", str(path)) from e
         raise
+
+
+def state_dict_sha256(state_dict: dict[str, Any]) -> str:
+    """sha256 over every tensor's name, dtype, shape and raw bytes (sorted by name): what a checkpoint's
+    ``weights_sha256`` records, so a flipped bit in the weights is caught before the model serves."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        value = state_dict[name]
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}|{t.dtype}|{tuple(value.shape)}\n".encode())
+            digest.update(t.view(torch.uint8).numpy())  # raw bytes: exact for every dtype, bfloat16 included
+        else:
+            digest.update(f"{name}|{value!r}\n".encode())
+    return digest.hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, variant: str,
                     model_kwargs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
     """Write ``model`` (a mildnet model with ``.spec`` and ``.embedding_dim``) as a checkpoint."""
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {
+        **(extra or {}),
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "variant": variant,
         "model_kwargs": dict(model_kwargs or {}),
         "spec": model.spec.to_dict(),
         "embedding_dim": int(model.embedding_dim),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        **(extra or {}),
+        "state_dict": state_dict,
+        "weights_sha256": state_dict_sha256(state_dict),
     }
     atomic_torch_save(payload, path)
 
 
 def read_checkpoint(path: str | os.PathLike, *, expect_variant: str | None = None) -> dict[str, Any]:
-    """Load and validate a checkpoint dict (``weights_only=True``); raise :class:`CheckpointError` if unusable."""
+    """Load and validate a checkpoint dict (``weights_only=True``); raise :class:`CheckpointError` if unusable.
+
+    Format 2 and later must carry ``weights_sha256`` and match it; format 1 files (written before the hash
+    existed) are checked by header only.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -64,9 +105,17 @@ def read_checkpoint(path: str | os.PathLike, *, expect_variant: str | None = Non
         raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a mildnet checkpoint (no '{FORMAT}' header)")
-    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+    version = ckpt.get("format_version", 0)
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {ckpt['format_version']} is newer than this mildnet "
                               f"understands ({FORMAT_VERSION}); upgrade mildnet")
     if expect_variant is not None and ckpt["variant"] != expect_variant:
         raise CheckpointError(f"{path}: checkpoint is of variant {ckpt['variant']!r}, expected {expect_variant!r}")
+    if version >= 2:
+        recorded, state_dict = ckpt.get("weights_sha256"), ckpt.get("state_dict")
+        if not isinstance(recorded, str) or not isinstance(state_dict, dict):
+            raise CheckpointError(f"{path}: checkpoint lacks its state_dict or weights_sha256")
+        if state_dict_sha256(state_dict) != recorded:
+            raise CheckpointError(f"{path}: weights do not match their sha256 (corrupted file: bit rot or a "
+                                  "damaged copy); restore or re-create it, it will not be used")
     return ckpt

@@ -68,8 +68,13 @@ def _modules(protocol: str):
     return client, InferenceServerException
 
 
+# Phrases (lower-case) of tritonclient / geventhttpclient / gRPC / http.client errors that mean the server is down
+# or died mid-request; matched against "<exception class>: <message>". A server killed while an HTTP request is in
+# flight gives geventhttpclient's HTTPConnectionClosed("connection closed."), which must not read as a bad image.
 _UNREACHABLE = ("failed to connect", "connection refused", "connect failed", "name resolution", "no route to host",
-                "connection reset", "deadline exceeded", "socket closed")
+                "connection reset", "connection aborted", "connection closed", "connectionclosed", "broken pipe",
+                "remotedisconnected", "remote end closed connection", "server disconnected", "socket closed",
+                "stream removed", "goaway", "deadline exceeded")
 _NOT_READY = ("is not found", "unknown model", "is not ready", "no version is available", "failed to load")
 
 
@@ -78,7 +83,7 @@ def _classify(exc: Exception, url: str, model: str, index: int | None = None) ->
     if isinstance(exc, (ServerUnavailable, ModelNotReady, RemoteInferenceError)):
         return exc
     text = str(exc.message() if callable(getattr(exc, "message", None)) else exc) or type(exc).__name__
-    low = text.lower()
+    low = f"{type(exc).__name__}: {text}".lower()
     if isinstance(exc, OSError) or any(s in low for s in _UNREACHABLE):
         return ServerUnavailable(f"cannot reach Triton at {url}: {text}")
     if any(s in low for s in _NOT_READY) and "ensemble" not in low:

@@ -228,7 +228,7 @@ def test_disk_full_while_saving_index_keeps_previous(tiny_disk):
     before = path.read_bytes()
     with pytest.raises(OSError) as e:
         big.save(path)
-    assert e.value.errno == errno.ENOSPC
+    assert e.value.errno == errno.ENOSPC and str(path) in str(e.value)  # says why, names the file
     assert path.read_bytes() == before and load_index(path).ids() == small.ids()  # intact and loadable
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["catalogue.mindex"]  # no temp file left
 
@@ -244,8 +244,9 @@ def test_disk_full_while_saving_checkpoint_keeps_previous(tiny_disk):
     assert got["step"] == 1 and torch.equal(got["w"], torch.ones(100))  # previous checkpoint intact
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["best.pt"]  # no temp file left
     # ...and the error says why. torch.save turns ENOSPC into "[enforce fail at inline_container.cc] unexpected
-    # pos": atomic_torch_save should re-raise the OSError underneath (see docs/reliability.md, open issues).
+    # pos": atomic_torch_save re-raises the OSError underneath, naming the file.
     assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC, f"unclear error: {e.value!r}"
+    assert str(path) in str(e.value), e.value
 
 
 RLIMIT_SCRIPT = textwrap.dedent("""

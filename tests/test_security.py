@@ -258,15 +258,15 @@ def test_truncated_checkpoint_refused(small_checkpoint, tmp_path):
         read_checkpoint(cut)
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoints carry a header but no content hash: a flipped byte inside "
-                                       "the weights loads silently (docs/reliability.md, open issues)")
 def test_bit_flip_in_checkpoint_weights_detected(small_checkpoint, tmp_path):
+    """A checkpoint records the sha256 of its weights: one flipped byte inside a tensor is refused by name."""
     data = bytearray(small_checkpoint.read_bytes())
     data[len(data) // 2] ^= 0xFF  # inside the tensor data of the zip archive
     flipped = tmp_path / "flipped.pt"
     flipped.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=r"flipped\.pt: weights do not match their sha256"):
         read_checkpoint(flipped)
+    read_checkpoint(small_checkpoint)  # the intact file passes the same check
 
 
 @pytest.mark.parametrize("damage,message", [

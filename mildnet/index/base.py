@@ -8,7 +8,9 @@ different spaces, so mixing them would return nonsense silently.
 from __future__ import annotations
 
 import abc
+import functools
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -51,6 +53,27 @@ def filter_token(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def _locked(method):
+    """Run ``method`` holding the index's lock (re-entrant: locked methods call each other)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    wrapper._locked = True
+    return wrapper
+
+
+# Every public read or write of an index holds its lock. FAISS releases the GIL, so without it a search racing
+# a remove or a rebuild reads labels that are gone (KeyError) or freed graph memory (HNSW segfault); a save
+# racing an add would write ids and vectors of two different moments. One re-entrant lock per index: searches
+# of one index run one at a time (FAISS parallelises each search itself), writers never overlap them. save()
+# takes its snapshot under the lock (to_payload, or len for Milvus) and writes the file outside it, so a slow
+# disk does not stall searches.
+_LOCKED_METHODS = ("__len__", "__contains__", "ids", "get", "metadata_keys", "present", "add", "remove",
+                   "search", "to_payload", "describe")
+
+
 class Index(abc.ABC):
     """Top-k inner-product search over string ids. Subclasses: :class:`~mildnet.index.faiss_index.FaissIndex`,
     :class:`~mildnet.index.milvus_index.MilvusIndex`.
@@ -63,7 +86,16 @@ class Index(abc.ABC):
 
     backend: str = "?"
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        # Wrap here, once, so a backend cannot forget the lock on a method it adds or overrides.
+        super().__init_subclass__(**kwargs)
+        for name in _LOCKED_METHODS:
+            method = cls.__dict__.get(name)
+            if callable(method) and not getattr(method, "_locked", False):
+                setattr(cls, name, _locked(method))
+
     def __init__(self, dim: int, *, model_version: str, metric: str = "ip") -> None:
+        self._lock = threading.RLock()
         if not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"index dim must be a positive integer, got {dim!r}")
         if metric not in METRICS:
@@ -103,6 +135,7 @@ class Index(abc.ABC):
         """Write the index atomically (see :mod:`mildnet.index.store`)."""
 
     # ---- shared validation ---------------------------------------------------------------------------
+    @_locked
     def add(self, ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[dict] | None = None, *,
             model_version: str | None = None) -> None:
         """Add ``len(ids)`` items. ``vectors``: ``float32[N, D]``. ``metadata``: one JSON-able dict per id.
@@ -141,10 +174,12 @@ class Index(abc.ABC):
         if ids:
             self._add(ids, vectors, [dict(m) for m in metadata])
 
+    @_locked
     def present(self, ids: Sequence[str]) -> list[str]:
         """Those of ``ids`` that the index holds, in order (one batched lookup on remote backends)."""
         return [i for i in ids if i in self]
 
+    @_locked
     def remove(self, ids: Iterable[str]) -> int:
         """Remove the given ids without a rebuild; returns how many. Any unknown id: ValueError, nothing removed."""
         ids = list(dict.fromkeys(ids))
@@ -156,6 +191,7 @@ class Index(abc.ABC):
             self._remove(ids)
         return len(ids)
 
+    @_locked
     def search(self, queries: np.ndarray, k: int = 10, filter: dict | None = None) -> list[list[Hit]]:
         """Top-``k`` items per query, best first. ``queries``: ``float32[Q, D]`` (or ``[D]`` for one).
 
@@ -196,6 +232,7 @@ class Index(abc.ABC):
             raise ValueError(f"id longer than {MAX_ID_LENGTH} characters: {item_id[:40]!r}...")
         return item_id
 
+    @_locked
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "dim": self.dim, "model_version": self.model_version,
                 "metric": self.metric, "count": len(self)}

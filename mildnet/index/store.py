@@ -55,7 +55,8 @@ REQUIRED = ("model_version", "dim", "backend", "ids", "metadata")
 
 
 def write_index_file(path: str | os.PathLike, payload: IndexPayload) -> None:
-    """Write ``payload`` to ``path`` atomically (temp + fsync + os.replace)."""
+    """Write ``payload`` to ``path`` atomically (temp + fsync + os.replace). A failed write raises the
+    ``OSError`` (errno kept, e.g. ENOSPC, naming ``path``); the previous file stays as it was."""
     path = Path(path)
     header = dict(payload.header)
     missing = [k for k in REQUIRED if k not in header]
@@ -86,8 +87,10 @@ def write_index_file(path: str | os.PathLike, payload: IndexPayload) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:  # disk full, file too large: keep errno, name the file
+            raise OSError(e.errno, f"cannot write index file: {e.strerror}", str(path)) from e
         raise
     _fsync_dir(path.parent)
 

@@ -1,0 +1,279 @@
+"""Write the README's measured tables from bench/results/*.json: the only place those numbers are typed.
+
+    python bench/report.py            # rewrite the generated blocks of README.md in place
+    python bench/report.py --check    # exit 1 if README.md is out of date (tests/test_readme.py does this)
+
+The README marks each generated block with ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->``; everything
+between the markers belongs to this script. Each block names the JSON it came from and the command that
+regenerates that JSON, so a reader can check any number in one step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+BLOCK = re.compile(r"(<!-- bench:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.S)
+
+
+def load(name: str) -> dict:
+    path = RESULTS / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path.relative_to(ROOT)} is missing: run the benchmark that writes it")
+    return json.loads(path.read_text())
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def table(header: list[str], rows: list[list], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = [header, rule] + [[str(c) for c in row] for row in rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def source(files: list[str], command: str) -> str:
+    names = ", ".join(f"`bench/results/{f}`" for f in files)
+    return f"_From {names}; regenerate with `{command}`._"
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "**missed**"
+
+
+# --- one renderer per block --------------------------------------------------------------------------------
+
+def render_params() -> str:
+    by_name = {m["model"]: m for m in load("models.json")["models"]}
+    ratios = load("models.json")["ratios"]
+    vgg, mobile = by_name["mildnet_vgg16"], by_name["mildnet_mobile"]
+    return "\n".join([
+        f"MILDNet-VGG16 has exactly {vgg['params']:,} parameters ({vgg['trainable']:,} trainable), as the official "
+        f"code; MILDNet-Mobile {mobile['params']:,}. The multi-scale deep-ranking baseline (`ranknet`) has "
+        f"{ratios['ranknet/mildnet_vgg16']:.2f}x the parameters of MILDNet-VGG16 and "
+        f"{ratios['ranknet/mildnet_mobile']:.1f}x those of MILDNet-Mobile.",
+        "",
+        source(["models.json"], "python bench/models.py"),
+    ])
+
+
+def render_zoo() -> str:
+    data = load("models.json")
+    rows = []
+    for m in data["models"]:
+        cl = m["channels_last"]
+        rows.append([f"`{m['model']}`", f"{m['params'] / 1e6:.2f}", f"{m['trainable'] / 1e6:.2f}", m["embedding_dim"],
+                     f"{m['size_mb']:.1f}", f"{m['flops_per_image'] / 1e9:.2f}", f"{m['params_ratio_to_vgg16']:.2f}",
+                     f"{cl['latency_ms_b1']:.0f}", f"{cl['throughput_img_s_b16']:.1f}"])
+    settings = data["settings"]
+    load_avg = settings["machine"].get("loadavg_start")
+    return "\n".join([
+        table(["model", "params (M)", "trainable (M)", "dim", "MB", "GFLOPs/img", "params vs VGG16",
+               "latency b1 (ms)", "img/s b16"], rows),
+        "",
+        f"CPU, {settings['threads']} threads, {settings['size']}x{settings['size']} input, channels_last, best of "
+        f"{settings['reps']} runs" + (f"; the machine was shared (load average {load_avg[0]:.1f} at start), so "
+                                      f"latencies are upper bounds." if load_avg else "."),
+        "",
+        source(["models.json"], "python bench/models.py"),
+    ])
+
+
+ACCURACY_FILES = {  # file -> command that writes it
+    "accuracy.json": "python bench/accuracy.py",
+    "accuracy_20epochs.json": "python bench/accuracy.py --epochs 20 --models mildnet_mobile,mildnet_mobile_noskip "
+                              "--zero-shot '' --out bench/results/accuracy_20epochs.json",
+    "accuracy_20epochs_ablations.json": "python bench/accuracy.py --epochs 20 --models "
+                                        "mildnet_mobile_skip3,mildnet_mobile_skip1,mildnet_mobile_skip2 "
+                                        "--zero-shot '' --out bench/results/accuracy_20epochs_ablations.json",
+}
+
+
+def render_accuracy() -> str:
+    rows, paper = [], None
+    for name in ACCURACY_FILES:
+        data = load(name)
+        paper = data["paper_target"]
+        for r in data["rows"]:
+            epochs = "-" if r["kind"] == "zero-shot" else data["settings"]["epochs"]
+            rows.append([f"`{r['model']}`", r["kind"], epochs, pct(r["val_triplet_accuracy"]),
+                         pct(r["val_triplet_accuracy_in_class"]), pct(r["val_triplet_accuracy_out_class"]),
+                         pct(r["photo_to_catalogue_recall@1"]), pct(r["photo_to_catalogue_recall@5"]),
+                         f"{r['photo_to_catalogue_mAP']:.3f}"])
+    best = max((r for name in ACCURACY_FILES for r in load(name)["rows"]), key=lambda r: r["val_triplet_accuracy"])
+    settings = load("accuracy.json")["settings"]
+    return "\n".join([
+        table(["model", "kind", "epochs", "triplet acc.", "in-class", "out-of-class", "photo->catalogue R@1",
+               "R@5", "mAP"], rows, "llrrrrrrr"),
+        "",
+        f"Grocery Store, trained on the train split, measured on {settings['triplets']['val']['triplets']:,} val "
+        f"triplets; input {settings['input_size']} px, frozen backbone, {settings['optimizer']}. Best: "
+        f"`{best['model']}` at {pct(best['val_triplet_accuracy'])}; the paper reports {pct(paper)} on "
+        f"street2shop tops (a different dataset, full fine-tuning at 224 px).",
+        "",
+        "\n".join(source([name], cmd) for name, cmd in ACCURACY_FILES.items()),
+    ])
+
+
+def render_serving() -> str:
+    data = load("serving.json")
+    rows = []
+    for key, m in data["models"].items():
+        best = m["in_process_best"]
+        rows.append([f"`{m['variant']}` ({m['input_size']} px)", "in-process PyTorch", "-", best["batch"],
+                     f"{best['img_per_s']:.1f}", f"{best['latency_ms']:.0f}", "-"])
+        for r in m["triton"]:
+            if r["concurrency"] == 16:
+                rows.append(["", f"Triton {r['protocol']}, batching {r['batching']}", r["concurrency"],
+                             r["avg_batch"], f"{r['img_per_s']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}"])
+    targets = []
+    for key, checks in data["targets"].items():
+        for name, (value, met) in checks.items():
+            targets.append(f"- `{key}` {name}: {value:.2f}, {verdict(met)}")
+    return "\n".join([
+        table(["model", "path", "clients", "batch", "img/s", "p50 (ms)", "p99 (ms)"], rows, "llrrrrr"),
+        "",
+        "Targets (ratios measured in the same run):",
+        *targets,
+        "",
+        source(["serving.json"], "python bench/serving.py"),
+    ])
+
+
+def render_kernel() -> str:
+    data = load("kernel.json")
+    fused = {(r["n"], r["layout"], r["dtype"], r["mode"]): r for r in data["rows"] if r["variant"] == "fused"}
+    compiled = {(r["n"], r["layout"], r["dtype"], r["mode"]): r for r in data["rows"] if r["variant"] == "compiled"}
+    rows = []
+    for (n, layout, dtype, mode), r in fused.items():
+        if mode != "forward":
+            continue
+        back = fused[(n, layout, dtype, "forward+backward")]
+        comp = compiled.get((n, layout, dtype, mode))
+        rows.append([n, layout, dtype, f"{r['ms']:.3f}", f"{r['sum_read_gbps']:.2f}", f"{r['speedup_vs_eager']:.2f}x",
+                     f"{r['speedup_vs_eager'] / comp['speedup_vs_eager']:.2f}x" if comp else "-",
+                     f"{back['speedup_vs_eager']:.2f}x"])
+    targets = [f"- {name}: worst {t['worst']:.2f} ({t['worst_config']}), {verdict(t['met'])}"
+               for name, t in data["targets"].items()]
+    return "\n".join([
+        table(["N", "layout", "dtype", "forward (ms)", "of read roof", "vs eager", "vs torch.compile",
+               "fwd+bwd vs eager"], rows, "rllrrrrr"),
+        "",
+        f"MILDNet-VGG16's five taps, L2-normalised, on the CPU with {data['settings']['threads']} thread; the read "
+        "roof is `x.sum()` over the same bytes, measured in the same run.",
+        *targets,
+        "",
+        source(["kernel.json"], "python bench/kernel.py"),
+    ])
+
+
+RETRIEVAL_FILES = {
+    "retrieval.json": "python bench/retrieval.py",
+    "retrieval_ivfpq_1m.json": "python bench/retrieval.py --sizes 1000000 --indexes ivfpq --nprobe-pq 8,16 "
+                               "--k-factor 20,40 --out bench/results/retrieval_ivfpq_1m.json",
+}
+
+
+def render_index() -> str:
+    rows = []
+    for name in RETRIEVAL_FILES:
+        data = load(name)
+        for r in data["rows"]:
+            params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+            rows.append([f"{r['n']:,}", r["index"], params, f"{r['recall@10']:.3f}", f"{r['qps']:,.0f}",
+                         f"{r['latency_ms']:.2f}", f"{r['speedup_vs_flat']:.1f}x", f"{r['index_mb']:,.0f}"])
+    target = load("retrieval.json")["target"]
+    verdicts = []
+    for name in RETRIEVAL_FILES:
+        for v in load(name)["verdicts"]:
+            b = v["best"]
+            verdicts.append(f"- {v['n']:,} x {v['dim']} ({name}): best {b['index']} "
+                            f"({', '.join(f'{k}={x}' for k, x in b['params'].items())}) at recall@10 "
+                            f"{b['recall@10']:.3f}, {b['speedup_vs_flat']:.1f}x flat: {verdict(v['target_met'])}")
+    return "\n".join([
+        table(["vectors", "index", "parameters", "recall@10", "queries/s", "latency (ms)", "vs flat", "MB"], rows,
+              "rllrrrrr"),
+        "",
+        f"Target: recall@10 >= {target['recall@10']} at >= {target['speedup_vs_flat']:.0f}x the exact (flat) "
+        "search's throughput, on synthetic clustered unit vectors of dimension 512, 2 threads.",
+        *verdicts,
+        "",
+        "\n".join(source([name], cmd) for name, cmd in RETRIEVAL_FILES.items()),
+    ])
+
+
+def render_soak() -> str:
+    data = load("soak.json")
+    s, cfg = data["summary"], data["settings"]
+    return "\n".join([
+        table(["duration", "rate", "requests", "served", "failures", "p50 (ms)", "p99 (ms)", "memory growth"],
+              [[f"{cfg['duration'] / 60:.0f} min", f"{cfg['rate']:g}/s", s["requests"], s["served"], s["failures"],
+                f"{s['p50_ms']:.0f}", f"{s['p99_ms']:.0f}", f"{100 * s['rss_growth_after_warmup']:+.1f} %"]]),
+        "",
+        f"Targets: {s['targets']['failures']} failures ({verdict(s['met']['failures'])}), memory growth after "
+        f"warm-up below {pct(s['targets']['rss_growth_after_warmup'])} ({verdict(s['met']['rss_growth'])}).",
+        "",
+        source(["soak.json"], "python bench/soak.py"),
+    ])
+
+
+def render_demo() -> str:
+    if not (RESULTS / "demo.json").exists():
+        return "_No demo run recorded yet: `make demo` writes `bench/results/demo.json`._"
+    s = load("demo.json")
+    return "\n".join([
+        table(["catalogue", "queries", "top-1", "top-5", "img/s (locust)", "p50 (ms)", "p95 (ms)", "p99 (ms)"],
+              [[s["catalogue_items"], s["queries"], pct(s["top1"]), pct(s["top5"]), f"{s['locust']['rps']:.1f}",
+                f"{s['locust']['p50_ms']:.0f}", f"{s['locust']['p95_ms']:.0f}", f"{s['locust']['p99_ms']:.0f}"]]),
+        "",
+        source(["demo.json"], "make demo"),
+    ])
+
+
+RENDERERS = {
+    "params": render_params, "zoo": render_zoo, "accuracy": render_accuracy, "serving": render_serving,
+    "kernel": render_kernel, "index": render_index, "soak": render_soak, "demo": render_demo,
+}
+
+
+def render(text: str) -> str:
+    """``text`` with every generated block rendered anew from the JSON files."""
+    def fill(match: re.Match) -> str:
+        name = match["name"]
+        if name not in RENDERERS:
+            raise KeyError(f"README block '{name}' has no renderer in bench/report.py ({', '.join(RENDERERS)})")
+        return f"{match.group(1)}{RENDERERS[name]()}\n{match.group(4)}"
+    return BLOCK.sub(fill, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="only check that README.md is up to date")
+    ap.add_argument("--readme", type=Path, default=README)
+    args = ap.parse_args(argv)
+    old = args.readme.read_text()
+    new = render(old)
+    if args.check:
+        if new != old:
+            print(f"{args.readme} is out of date with bench/results: run python bench/report.py", file=sys.stderr)
+            return 1
+        print(f"{args.readme}: every generated block matches bench/results")
+        return 0
+    if new != old:
+        tmp = args.readme.with_name(f".{args.readme.name}.tmp")
+        tmp.write_text(new)
+        os.replace(tmp, args.readme)
+    print(f"{args.readme}: {len(BLOCK.findall(new))} generated blocks {'updated' if new != old else 'up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
