@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from mildnet.data.catalogue import grocery_catalogue  # noqa: E402
 from mildnet.data.triplets import TripletOptions, make_triplets, write_triplets  # noqa: E402
 from mildnet.evaluate import evaluate  # noqa: E402
+from mildnet.fileio import atomic_write_text  # noqa: E402
 from mildnet.models import create, load_checkpoint  # noqa: E402
 from mildnet.train import TrainConfig, train  # noqa: E402
 
@@ -109,10 +110,7 @@ def main() -> int:
 
     def save() -> None:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(result, indent=2))
         md = out.with_suffix(".md")
         md.write_text(f"# Accuracy study (Grocery val)\n\nSettings: {json.dumps(settings)}\n\n"
                       f"{table(result['rows'])}\n\nPaper target: >= {100 * PAPER_TARGET:.2f}% triplet accuracy.\n")

@@ -16,9 +16,7 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import mildnet.ops as ops  # noqa: E402
+from mildnet.fileio import atomic_write_text  # noqa: E402
 
 VGG16_TAPS = [(64, 112, 112), (128, 56, 56), (256, 28, 28), (512, 14, 14), (512, 7, 7)]  # (C, H, W)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,11 +92,7 @@ def roof_fns(nbytes: int, device: str) -> dict:
 
 def atomic_write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def plot(rows: list[dict], path: Path, roof_key: str) -> None:

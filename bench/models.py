@@ -30,6 +30,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mildnet import models  # noqa: E402
+from mildnet.fileio import atomic_write_text  # noqa: E402
 
 NCHW_TOO = ("mildnet_vgg16", "mildnet_mobile")  # also timed in NCHW: the channels_last speedup
 
@@ -190,10 +191,7 @@ def main(argv=None) -> int:
         results["settings"]["machine"]["cpu"] = re.search(r"model name\s*:\s*(.*)", cpu).group(1)
     except (OSError, AttributeError):
         pass
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(results, indent=2))
     md = markdown(results)
     args.out.with_suffix(".md").write_text(md)
     print(md)

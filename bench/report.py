@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
+from mildnet.fileio import atomic_write_text  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 BLOCK = re.compile(r"(<!-- bench:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.S)
@@ -268,9 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.readme}: every generated block matches bench/results")
         return 0
     if new != old:
-        tmp = args.readme.with_name(f".{args.readme.name}.tmp")
-        tmp.write_text(new)
-        os.replace(tmp, args.readme)
+        atomic_write_text(args.readme, new)
     print(f"{args.readme}: {len(BLOCK.findall(new))} generated blocks {'updated' if new != old else 'up to date'}")
     return 0
 

@@ -32,6 +32,8 @@ import faiss
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
+from mildnet.fileio import atomic_write_text  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "retrieval.json"
 TARGET_RECALL, TARGET_SPEEDUP = 0.95, 50.0
 
@@ -269,10 +271,7 @@ def write_result(args, rows: list[dict], started: float, done: bool) -> dict:
         "target": {"recall@10": TARGET_RECALL, "speedup_vs_flat": TARGET_SPEEDUP}, "verdicts": verdicts,
         "rows": rows, "wall_s": round(time.time() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(result, indent=2))
     return result
 
 

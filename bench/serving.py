@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from mildnet import models  # noqa: E402
 from mildnet.export import ServingConfig, export_model  # noqa: E402
+from mildnet.fileio import atomic_write_text  # noqa: E402
 from mildnet.remote import model_metrics  # noqa: E402
 from mildnet.serve import TritonServer  # noqa: E402
 
@@ -282,10 +283,7 @@ def main(argv=None) -> int:
                                                      "inconclusive: in-process beat the measured roof"]
     results["targets"] = targets
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(results, indent=2))
     plot(results, out.with_suffix(".png"))
     print(f"\n{'model':8} {'in-proc best':>13} {'dyn c16':>9} {'no-batch c16':>13} {'roof':>8}   ratios")
     for key, r in results["models"].items():

@@ -37,6 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
+from mildnet.fileio import atomic_write_text  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 GROCERY = Path(os.environ.get("MILDNET_GROCERY", ROOT.parent / "shared" / "data" / "grocery"))
 TARGET_FAILURES, TARGET_RSS_GROWTH = 0, 0.10
@@ -320,10 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "server_log_tail": log_tail if summary["failures"] else "",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.tmp")
-    tmp_out.write_text(json.dumps(result, indent=1))
-    os.replace(tmp_out, args.out)
+    atomic_write_text(args.out, json.dumps(result, indent=1))
     png = args.out.with_suffix(".png")
     plot(result, png)
 

@@ -34,6 +34,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mildnet.data.catalogue import index_entries  # the one reader of catalogues: rows -> (id, path, metadata)
 from mildnet.index import IndexFileError, ModelVersionError, create_index, load_index, read_index_header
 
 EXIT_OK, EXIT_ERROR, EXIT_SERVER = 0, 1, 3
@@ -103,32 +104,6 @@ class Journal:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-
-
-# ---- catalogue -> (id, path, metadata) ---------------------------------------------------------------------
-def catalogue_entries(source: str, root: str | None = None,
-                      allow_outside_root: bool = False) -> list[tuple[str, Path, dict]]:
-    """``(index id, image path, metadata)`` per catalogue image; ids unique (a clear error otherwise)."""
-    from mildnet.data.catalogue import load_catalogue
-
-    items = load_catalogue(source, root=root, allow_outside_root=allow_outside_root)
-    base = Path(root) if root else (Path(source) if Path(source).is_dir() else Path(source).parent)
-    base = base.resolve()
-    out, seen = [], {}
-    for item in items:
-        path = Path(item.path).resolve()
-        extra = dict(item.metadata or {})
-        item_id = str(extra.pop("id", "")) or (path.relative_to(base).as_posix() if path.is_relative_to(base)
-                                               else path.as_posix())
-        if item_id in seen:
-            raise ValueError(f"catalogue {source}: id {item_id!r} used by two images ({seen[item_id]} and {path})")
-        seen[item_id] = path
-        meta = {**extra, "item_id": item.item_id, "category": item.category, "domain": item.domain,
-                "path": str(path)}
-        if item.split is not None:
-            meta["split"] = item.split
-        out.append((item_id, path, meta))
-    return out
 
 
 def model_identity(embedder) -> tuple[str, int]:
@@ -322,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             n = delete_items(args.out, args.delete)
             print(f"removed {n} item(s) from {args.out}")
             return EXIT_OK
-        entries = catalogue_entries(args.catalogue, args.root, args.allow_outside_root)
+        entries = index_entries(args.catalogue, args.root, args.allow_outside_root)
         params = {"uri": args.milvus_uri, "collection": args.collection} if args.backend == "milvus" else {}
         with remote.TritonEmbedder(args.urls, protocol=args.protocol, concurrency=args.concurrency) as embedder:
             stats = build_index(entries, args.out, embedder, add=args.add, backend=args.backend,

@@ -26,8 +26,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mildnet.fileio import atomic_write_bytes, atomic_write_text
 from mildnet.imageio import ImageDecodeError, decode_image
-from mildnet.index import Hit, IndexFileError, load_index
+from mildnet.index import MAX_K, Hit, IndexFileError, load_index
 
 EXIT_OK, EXIT_INPUT, EXIT_SERVER = 0, 1, 3
 THUMB = 160
@@ -134,7 +135,7 @@ figure.query{{border-right:3px solid #333;padding-right:12px}} .missing{{width:{
 background:#eee;display:flex;align-items:center;justify-content:center}}</style></head>
 <body><h1>{html.escape(title)}</h1><div class="grid">{''.join(cards)}</div></body></html>
 """
-    _atomic_write(path, page.encode("utf-8"))
+    atomic_write_text(path, page)
 
 
 def write_png(path: Path, query_bytes: bytes, rows: Sequence[dict[str, Any]], columns: int = 5) -> None:
@@ -161,24 +162,7 @@ def write_png(path: Path, query_bytes: bytes, rows: Sequence[dict[str, Any]], co
             draw.text((x, y + THUMB + 4 + 14 * j), text, fill="black", font=font)
     buf = io.BytesIO()
     sheet.save(buf, "PNG")
-    _atomic_write(path, buf.getvalue())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
@@ -186,7 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("image", type=Path, help="the query photo")
-    p.add_argument("--k", type=int, default=10, help="how many results (default 10)")
+    p.add_argument("--k", type=int, default=10,
+                   help=f"how many results (default 10, at most {MAX_K}; fewer if the catalogue is smaller)")
     p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata equality; repeatable")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--html", type=Path, metavar="OUT.html", help="write a contact sheet page")
@@ -198,6 +183,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.k < 1:
         p.error("--k must be >= 1")
+    if args.k > MAX_K:
+        p.error(f"--k must be <= {MAX_K} (results per query)")
     args.urls = args.urls or (["localhost:8001"] if args.protocol == "grpc" else ["localhost:8000"])
     return args
 

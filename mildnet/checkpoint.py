@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .fileio import atomic_open
 
 FORMAT = "mildnet-checkpoint"
 FORMAT_VERSION = 2  # 2: carries weights_sha256, checked on read
@@ -22,39 +23,12 @@ class CheckpointError(ValueError):
     """A file is not a usable mildnet checkpoint; the message says why."""
 
 
-def _os_error_behind(exc: BaseException) -> OSError | None:
-    """The OSError that caused ``exc``, if any: torch.save reports a failed write (ENOSPC, EFBIG, EIO) as
-    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...`` with the OSError as its context."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename: a crash never leaves half a file.
-
-    A failed write (disk full, file too large) raises the ``OSError`` itself (``errno`` kept, ``path`` named),
-    leaving the previous file untouched and no temp file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        cause = _os_error_behind(e)
-        if cause is not None and cause.errno is not None:
-            raise OSError(cause.errno, f"cannot write checkpoint: {cause.strerror}", str(path)) from e
-        raise
+    """``torch.save`` through :func:`mildnet.fileio.atomic_open`: a crash never leaves half a file, and a failed
+    write (disk full, file too large) raises the ``OSError`` itself (errno kept, path named), leaving the
+    previous file untouched and no temp file behind."""
+    with atomic_open(path, "wb", what="checkpoint") as f:
+        torch.save(obj, f)
 
 
 def state_dict_sha256(state_dict: dict[str, Any]) -> str:

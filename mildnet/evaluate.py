@@ -23,6 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .fileio import atomic_write_text
+
 __all__ = ["recall_at_k", "average_precision", "mean_average_precision", "rank", "retrieval_metrics",
            "evaluate_catalogue", "write_results_page", "configure_parser", "run"]
 
@@ -177,11 +179,8 @@ td.q{{background:#eef}} td.right img{{border:4px solid #2a2}} td.wrong img{{bord
 </style></head><body><h1>{esc(title)}</h1><ul>{head}</ul>
 <table><tr><th>query</th>{"".join(f"<th>#{i}</th>" for i in range(1, top + 1))}</tr>{"".join(rows)}</table>
 </body></html>"""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    atomic_write_text(path, page)
+    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -256,9 +255,7 @@ def evaluate(model: torch.nn.Module, *, catalogue=None, split: str | None = "val
                                n_queries=page_queries, summary=summary)
             report["results_page"] = str(out / "results.html")
     report["seconds"] = round(time.time() - t0, 2)
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=float))
-    os.replace(tmp, out / "results.json")
+    atomic_write_text(out / "results.json", json.dumps(report, indent=2, default=float))
     return report
 
 

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .fileio import atomic_write_text
 from .triton_models import EXPORT_INFO_FILE, WEIGHTS_FILE, version_dirs
 
 TEMPLATE_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
@@ -217,24 +218,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_if_changed(path: Path, text: str) -> None:
     """Rewrite only real changes: a polling server reloads a model whenever its folder's files change."""
     if not (path.is_file() and path.read_text() == text):
-        _atomic_write_text(path, text)
+        atomic_write_text(path, text)
 
 
 def _template(repository: Path, model: str) -> Path:
@@ -252,7 +239,7 @@ def _install_template(repository: Path, model: str, template_name: str, version_
     text = _template(repository, template_name).read_text()
     if target.is_file() and target.read_text() == text:
         return  # untouched: a polling server sees no change and does not reload the model
-    _atomic_write_text(target, text)
+    atomic_write_text(target, text)
     # Compile now: otherwise the Python stub writes __pycache__/ into the version folder when it imports
     # model.py, a polling Triton sees the folder change, and reloads every model once after start.
     py_compile.compile(str(target), cfile=importlib.util.cache_from_source(str(target)), doraise=True)
@@ -302,7 +289,7 @@ def export_model(model, repository: str | os.PathLike, cfg: ServingConfig = Serv
             "model_version": f"{model.variant}-{source_sha[:12]}",
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _atomic_write_text(tmp / EXPORT_INFO_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(tmp / EXPORT_INFO_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
         target = model_dir / str(version)
         if target.exists():
             raise FileExistsError(f"{target} appeared while exporting (two exports at once?); try again")

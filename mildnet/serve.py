@@ -271,7 +271,8 @@ class TritonServer:
         return _log_tail(self.log_file, lines) if self.log_file else ""
 
     def stop(self) -> int | None:
-        """SIGTERM, wait for Triton to unload models (it stops its Python stubs), SIGKILL the group if stuck."""
+        """SIGTERM, wait for Triton to unload models (it stops its Python stubs), then SIGKILL whatever is left
+        of its process group. Returns the server's exit code (negative: killed by that signal)."""
         proc, self.process = self.process, None
         if proc is None:
             return None
@@ -280,8 +281,15 @@ class TritonServer:
             try:
                 proc.wait(self.exit_timeout_secs + 15)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                pass  # stuck unloading: the group kill below ends it
+        # Always, even when the server is already dead (crash, OOM kill, kill -9): its Python backend stubs share
+        # its process group (start_new_session) and can outlive it for minutes, holding memory and shared memory.
+        # The group id cannot be reused while any member lives, so this reaches only what the server started.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # nothing left
+        proc.wait()
         return proc.returncode
 
     def __enter__(self) -> "TritonServer":

@@ -41,6 +41,7 @@ from .checkpoint import CheckpointError, atomic_torch_save, save_checkpoint
 from .data.datasets import ImageCache, TripletDataset, _seed, embed_images, stack_triplets
 from .data.transforms import PaperAugment, normalize
 from .data.triplets import read_triplets
+from .fileio import atomic_open, atomic_write_text
 from .losses import distance, get_loss, split_triplets, triplet_correct
 
 __all__ = ["TrainConfig", "train", "triplet_metrics", "configure_parser", "run"]
@@ -132,15 +133,12 @@ def _subset(rows: list, kinds: list | None, limit: int | None, seed: int):
 
 def _write_logs(out: Path, cfg: TrainConfig, history: list[dict], best: dict) -> None:
     keys = list(dict.fromkeys(k for h in history for k in h))
-    tmp = out / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(out / "metrics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(history)
-    os.replace(tmp, out / "metrics.csv")
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps({"config": asdict(cfg), "history": history, "best": best}, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    atomic_write_text(out / "metrics.json", json.dumps({"config": asdict(cfg), "history": history, "best": best},
+                                                       indent=2))
     _plot(out / "curves.png", history)
 
 
@@ -162,10 +160,9 @@ def _plot(path: Path, history: list[dict]) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _rng_state(device: torch.device) -> dict:

@@ -328,6 +328,8 @@ class SimilarModel:
 
     def _parse(self, request, index, spec) -> tuple[list, int, list]:
         """One request -> (pixel tensors, k, filters); raises ValueError naming the problem."""
+        from .index import check_k
+
         pb = self.pb
         images = _bytes_rows(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy())
         ks = pb.get_input_tensor_by_name(request, "K").as_numpy().reshape(-1)
@@ -335,11 +337,7 @@ class SimilarModel:
             raise ValueError(f"K has {len(ks)} rows but IMAGE has {len(images)}")
         if len(set(int(k) for k in ks)) != 1:
             raise ValueError(f"all rows of one request need the same K, got {sorted(set(ks.tolist()))}")
-        k = int(ks[0])
-        if k <= 0:
-            raise ValueError(f"K must be a positive number of results, got {k}")
-        if k > len(index):
-            raise ValueError(f"K={k} is larger than the catalogue ({len(index)} items); ask for at most {len(index)}")
+        k = check_k(int(ks[0]))  # 1..MAX_K; a k above the catalogue size gets all of it, as Index.search does
         ftensor = pb.get_input_tensor_by_name(request, "FILTER")
         raw_filters = _bytes_rows(ftensor.as_numpy()) if ftensor is not None else [None] * len(images)
         allowed = _filter_keys(index)
@@ -387,12 +385,15 @@ class SimilarModel:
                 except ValueError as e:  # the index's own check (e.g. a filter it cannot apply)
                     responses[i] = _error(pb, str(e))
                     continue
-                responses[i] = pb.InferenceResponse(output_tensors=_hit_tensors(pb, hits, k))
+                # min(k, catalogue size) columns: never an array of the requested k when the catalogue is smaller
+                width = max(1, min(k, len(index)))
+                responses[i] = pb.InferenceResponse(output_tensors=_hit_tensors(pb, hits, width))
         return responses
 
 
 def _hit_tensors(pb, hits: list[list], k: int) -> list:
-    """Per-row hit lists (a filter may leave fewer than k) -> ``IDS``/``SCORES``/``METADATA`` ``[n, k]``, padded."""
+    """Per-row hit lists (a filter may leave fewer than k) -> ``IDS``/``SCORES``/``METADATA`` ``[n, k]``, padded
+    with empty ids."""
     n = len(hits)
     ids = np.full((n, k), b"", dtype=object)
     scores = np.full((n, k), np.nan, dtype=np.float32)

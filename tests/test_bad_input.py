@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from mildnet.imageio import MAX_BYTES, preprocess
+from mildnet.index import MAX_K
 from mildnet.remote import RemoteInferenceError, TritonEmbedder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,11 +185,24 @@ def test_batch_larger_than_max_batch_size(remote, served_repository, catalogue_i
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("k,message", [(0, "positive"), (-1, "positive"), (2**31 - 1, "larger than the catalogue")])
+@pytest.mark.parametrize("k,message", [(0, "positive"), (-1, "positive"), (MAX_K + 1, f"at most {MAX_K}"),
+                                       (2**31 - 1, f"at most {MAX_K}")])
 def test_bad_k(remote, served_repository, catalogue_index, photo, k, message):
     with pytest.raises(RemoteInferenceError, match=message):
         remote.similar(photo, k=k)
     assert len(remote.similar(photo, k=len(catalogue_index[1]))) == len(catalogue_index[1])
+
+
+@pytest.mark.server
+def test_k_above_catalogue_size_returns_all_of_it(remote, catalogue_index, photo):
+    """As Index.search: k > n gives the whole catalogue, ranked, the same as k = n (up to the MAX_K cap)."""
+    ids = catalogue_index[1]
+    want = remote.similar(photo, k=len(ids))
+    for k in (len(ids) + 1, MAX_K):
+        got = remote.similar(photo, k=k)
+        assert [h.id for h in got] == [h.id for h in want]
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+    assert sorted(h.id for h in want) == sorted(ids)
 
 
 @pytest.mark.server
@@ -292,7 +306,7 @@ def test_query_script_refuses_bad_image_without_a_server(tmp_path, photo, case):
 @pytest.mark.server
 @pytest.mark.parametrize("args,code,message", [
     (["--k", "0"], 2, "--k must be >= 1"),
-    (["--k", "2147483647"], 1, "larger than the catalogue"),
+    (["--k", "2147483647"], 2, f"--k must be <= {MAX_K}"),
     (["--k", "3", "--filter", "colour=red"], 1, "unknown FILTER keys"),
     (["--k", "3", "--filter", "nokey"], 1, "expected KEY=VALUE"),
 ])

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from mildnet.data.catalogue import (CatalogueError, CatalogueItem, check_images, fashion_mnist_catalogue,
-                                    folder_catalogue, grocery_catalogue, load_catalogue, read_idx,
-                                    read_triplet_csv, write_catalogue)
+                                    folder_catalogue, grocery_catalogue, index_entries, load_catalogue,
+                                    read_idx, read_triplet_csv, write_catalogue)
 
 
 def _img(path: Path, colour=(200, 30, 30)) -> Path:
@@ -161,3 +161,19 @@ def test_one_unreadable_image_is_reported_not_fatal(tmp_path):
         (tmp_path / f"{k}.png").write_bytes(b"")
     with pytest.raises(CatalogueError, match="8 of 30 images are unreadable"), pytest.warns(UserWarning):
         check_images(items)
+
+
+def test_index_entries_ids_metadata_and_checks(images):
+    """What client/index.py stores: id = the ``id`` column, else the path under the root; ids unique; the
+    root check of load_catalogue applies."""
+    p = _write_csv(images, "path,item_id,category,id,price\nimg/a1.png,a,fruit,sku-1,2\nimg/b1.png,b,veg,,3\n")
+    (id1, path1, meta1), (id2, _, meta2) = index_entries(p)
+    assert (id1, id2) == ("sku-1", "img/b1.png") and path1 == (images / "img" / "a1.png").resolve()
+    assert meta1 == {"price": "2", "item_id": "a", "category": "fruit", "domain": "shop", "path": str(path1)}
+    assert "id" not in meta2
+    p = _write_csv(images, "path,item_id,category,id\nimg/a1.png,a,fruit,x\nimg/a2.png,a,fruit,x\n")
+    with pytest.raises(CatalogueError, match="id 'x' used by two images"):
+        index_entries(p)
+    p = _write_csv(images, "path,item_id,category\n../outside.png,a,fruit\n")
+    with pytest.raises(CatalogueError, match="leaves the catalogue root"):
+        index_entries(p)

@@ -7,7 +7,8 @@ import pickle
 import pytest
 import torch
 
-from mildnet.checkpoint import CheckpointError, atomic_torch_save, read_checkpoint, save_checkpoint
+from mildnet.checkpoint import (CheckpointError, atomic_torch_save, read_checkpoint, save_checkpoint,
+                                state_dict_sha256)
 from mildnet.spec import KERAS_01
 
 
@@ -26,6 +27,31 @@ def test_round_trip(tmp_path):
     assert ckpt["epoch"] == 4 and ckpt["embedding_dim"] == 3 and ckpt["spec"]["input_size"] == 32
     torch.testing.assert_close(ckpt["state_dict"]["weight"], model.weight.detach())
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temp files left behind
+
+
+def test_weights_sha256_recorded_and_checked(tmp_path):
+    """Changed weights under an intact header are refused by name; format-1 files (before the hash) still load."""
+    save_checkpoint(tmp_path / "a.pt", Tiny(), variant="tiny")
+    ckpt = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert ckpt["format_version"] == 2 and ckpt["weights_sha256"] == state_dict_sha256(ckpt["state_dict"])
+    tampered = {**ckpt, "state_dict": {**ckpt["state_dict"], "bias": ckpt["state_dict"]["bias"] + 1e-6}}
+    atomic_torch_save(tampered, tmp_path / "b.pt")
+    with pytest.raises(CheckpointError, match="b.pt: weights do not match their sha256"):
+        read_checkpoint(tmp_path / "b.pt")
+    atomic_torch_save({k: v for k, v in ckpt.items() if k != "weights_sha256"}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="c.pt: checkpoint lacks its state_dict or weights_sha256"):
+        read_checkpoint(tmp_path / "c.pt")
+    legacy = {**{k: v for k, v in ckpt.items() if k != "weights_sha256"}, "format_version": 1}
+    atomic_torch_save(legacy, tmp_path / "d.pt")
+    assert read_checkpoint(tmp_path / "d.pt")["variant"] == "tiny"
+
+
+def test_sha256_sees_names_dtypes_and_shapes():
+    w = torch.arange(6, dtype=torch.float32)
+    base = state_dict_sha256({"w": w})
+    assert base == state_dict_sha256({"w": w.clone()})
+    assert len({base, state_dict_sha256({"v": w}), state_dict_sha256({"w": w.reshape(2, 3)}),
+                state_dict_sha256({"w": w.view(torch.int32)}), state_dict_sha256({"w": w.to(torch.bfloat16)})}) == 5
 
 
 def test_wrong_variant_named(tmp_path):

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mildnet.index import create_index, load_index
+from mildnet.data.catalogue import index_entries
+from mildnet.index import MAX_K, create_index, load_index
 
 ROOT = Path(__file__).resolve().parents[1]
 INDEX_PY, QUERY_PY = ROOT / "client" / "index.py", ROOT / "client" / "query.py"
@@ -89,6 +90,15 @@ def test_parse_filter_errors(pairs, message):
         query.parse_filter(pairs)
 
 
+def test_query_k_bounds(tmp_path):
+    """--k: 1..MAX_K (argparse, exit 2); a k above the catalogue size is fine (min(k, n) results)."""
+    assert query.parse_args(["q.jpg", "--k", str(MAX_K)]).k == MAX_K
+    for bad in ("0", str(MAX_K + 1)):
+        with pytest.raises(SystemExit) as e:
+            query.parse_args(["q.jpg", "--k", bad])
+        assert e.value.code == 2
+
+
 def test_table_and_contact_sheets_escape_text(tmp_path, grocery_photos):
     from mildnet.index import Hit
 
@@ -129,20 +139,22 @@ def test_journal_drops_torn_record(tmp_path):
         list(j.replay("m-2", 4))
 
 
-def test_catalogue_entries_ids_and_metadata(tmp_path, grocery_root):
+def test_index_entries_ids_and_metadata(tmp_path, grocery_root):
+    """index.py reads catalogues only through mildnet.data.catalogue.index_entries."""
+    assert indexer.index_entries is index_entries
     cat = write_catalogue(tmp_path, grocery_rows(grocery_root, 2, 2))
-    entries = indexer.catalogue_entries(str(cat))
+    entries = index_entries(str(cat))
     assert [e[0] for e in entries] == [f"images/{p.name}" for p, _, _ in grocery_rows(grocery_root, 2, 2)]
     meta = entries[0][2]
     assert meta["category"] == "Apple" and meta["item_id"] == "Golden-Delicious" and Path(meta["path"]).is_file()
     assert meta["note"] == "<b>Golden-Delicious</b> & co"
 
 
-def test_catalogue_entries_from_a_folder_tree(tmp_path, grocery_photos):
+def test_index_entries_from_a_folder_tree(tmp_path, grocery_photos):
     for i, p in enumerate(grocery_photos[:4]):
         (tmp_path / ("Apple" if i < 2 else "Milk")).mkdir(exist_ok=True)
         shutil.copyfile(p, tmp_path / ("Apple" if i < 2 else "Milk") / p.name)
-    entries = indexer.catalogue_entries(str(tmp_path))
+    entries = index_entries(str(tmp_path))
     assert sorted(e[0] for e in entries) == sorted(
         f"{'Apple' if i < 2 else 'Milk'}/{p.name}" for i, p in enumerate(grocery_photos[:4]))
     assert all(e[0].split("/")[0] in (e[2]["category"], e[2]["item_id"]) for e in entries)

@@ -131,6 +131,25 @@ def test_cli_export_bad_checkpoint_is_a_clear_error(tmp_path, capsys, content, m
     assert not (tmp_path / "repo" / "mildnet").exists()
 
 
+def test_export_verifies_weights_hash_in_and_out(tmp_path, capsys, checkpoint):
+    """The exported model.pt records its weights' sha256 (checked when the server loads it), and a source
+    checkpoint whose weights were changed is refused before anything is written."""
+    from mildnet.checkpoint import atomic_torch_save, read_checkpoint, state_dict_sha256
+
+    assert cli_main(["export", "--checkpoint", str(checkpoint), "--repository", str(tmp_path / "ok"),
+                     "--no-pipeline"]) == 0
+    served = read_checkpoint(tmp_path / "ok" / "mildnet" / "1" / "model.pt")
+    assert served["weights_sha256"] == state_dict_sha256(served["state_dict"])
+    ckpt = torch.load(checkpoint, weights_only=True)
+    name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][name] = ckpt["state_dict"][name] + 1  # new weights under the old header and hash
+    atomic_torch_save(ckpt, tmp_path / "changed.pt")
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "changed.pt"), "--repository",
+                     str(tmp_path / "repo")]) == 1
+    assert "changed.pt: weights do not match their sha256" in capsys.readouterr().err
+    assert not (tmp_path / "repo" / "mildnet").exists()
+
+
 @pytest.mark.parametrize("kw,message", [({"max_batch_size": 0}, "max-batch-size"), ({"instances": 0}, "instances"),
                                         ({"kind": "tpu"}, "kind"), ({"model_name": "a/b"}, "model-name")])
 def test_bad_serving_config(kw, message):

@@ -9,7 +9,7 @@ import pytest
 
 from mildnet.index import (DuplicateIdError, IndexFileError, ModelVersionError, UnknownFilterKeyError,
                            create_index, load_index)
-from mildnet.index.base import exact_topk
+from mildnet.index.base import MAX_K, exact_topk
 from mildnet.index.store import _PREFIX
 
 DIM = 32
@@ -94,6 +94,9 @@ def test_unknown_filter_key_is_a_clear_error():
 def test_k_larger_than_index_and_bad_k():
     index, ids, vecs, _ = make(5)
     assert len(index.search(vecs[0], k=50)[0]) == 5
+    assert index.search(vecs[0], k=MAX_K) == index.search(vecs[0], k=5)  # min(k, n), up to the cap
+    with pytest.raises(ValueError, match=f"k must be at most {MAX_K}"):
+        index.search(vecs[0], k=MAX_K + 1)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="k must be"):
             index.search(vecs[0], k=bad)

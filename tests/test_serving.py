@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mildnet.imageio import preprocess
+from mildnet.index import MAX_K
 from mildnet.remote import (ModelNotReady, RemoteInferenceError, ServerUnavailable, TritonEmbedder,
                             model_metrics)
 
@@ -183,12 +184,13 @@ def test_wrong_tensor_to_mildnet(http_remote, photos, shape, dtype, message):
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("k,message", [(0, "positive"), (-3, "positive"), (10, r"larger than the catalogue \(9")])
+@pytest.mark.parametrize("k,message", [(0, "positive"), (-3, "positive"), (MAX_K + 1, f"at most {MAX_K}")])
 def test_bad_k(remote, photos, catalogue_index, k, message):
-    assert len(catalogue_index[1]) == 9  # the message below names the catalogue size
+    assert len(catalogue_index[1]) == 9
     with pytest.raises(RemoteInferenceError, match=message):
         remote.similar(photos[0], k=k)
     assert len(remote.similar(photos[0], k=9)) == 9
+    assert len(remote.similar(photos[0], k=10)) == 9  # k above the catalogue size: all of it, as Index.search
 
 
 @pytest.mark.server

@@ -37,10 +37,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..fileio import atomic_open
+
 __all__ = [
     "CatalogueError", "CatalogueItem", "load_catalogue", "grocery_catalogue", "folder_catalogue",
     "triplet_csv_catalogue", "read_triplet_csv", "fashion_mnist_catalogue", "read_idx", "check_images",
-    "write_catalogue", "IMAGE_EXTENSIONS", "DOMAINS",
+    "write_catalogue", "index_entries", "IMAGE_EXTENSIONS", "DOMAINS",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -124,6 +126,36 @@ def load_catalogue(source: str | os.PathLike, root: str | os.PathLike | None = N
         raise CatalogueError(f"{source}: the catalogue has no images")
     _check_duplicates(items, source, unique_ids)
     return items
+
+
+def index_entries(source: str | os.PathLike, root: str | os.PathLike | None = None,
+                  allow_outside_root: bool = False) -> list[tuple[str, Path, dict[str, Any]]]:
+    """``(index id, image path, metadata)`` per catalogue image: what a search index stores (client/index.py).
+
+    Rows are read (and paths checked against the root) by :func:`load_catalogue`. The id is the row's ``id``
+    column when it has one, else the image path relative to the catalogue root (absolute outside it). The
+    metadata is every extra column plus ``item_id``, ``category``, ``domain``, ``path`` (and ``split``).
+    Two images with one id raise :class:`CatalogueError` naming both.
+    """
+    items = load_catalogue(source, root=root, allow_outside_root=allow_outside_root)
+    source = Path(source)
+    base = (Path(root) if root is not None else source if source.is_dir() else source.parent).resolve()
+    out, seen = [], {}
+    for item in items:
+        path = Path(item.path).resolve()
+        extra = dict(item.metadata or {})
+        item_id = str(extra.pop("id", "")) or (path.relative_to(base).as_posix() if path.is_relative_to(base)
+                                               else path.as_posix())
+        if item_id in seen:
+            raise CatalogueError(f"catalogue {source}: id {item_id!r} used by two images ({seen[item_id]} and "
+                                 f"{path})")
+        seen[item_id] = path
+        meta = {**extra, "item_id": item.item_id, "category": item.category, "domain": item.domain,
+                "path": str(path)}
+        if item.split is not None:
+            meta["split"] = item.split
+        out.append((item_id, path, meta))
+    return out
 
 
 def _check_duplicates(items: Sequence[CatalogueItem], source: Path, unique_ids: bool) -> None:
@@ -262,9 +294,7 @@ def write_catalogue(items: Sequence[CatalogueItem], path: str | os.PathLike, roo
     path = Path(path)
     root = Path(root).resolve() if root is not None else path.parent.resolve()
     rows = [it.to_row(root) for it in items]
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    with atomic_open(path, "w", what="catalogue", encoding="utf-8", newline="") as f:
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             for r in rows:
                 f.write(json.dumps(r, default=str) + "\n")
@@ -273,9 +303,6 @@ def write_catalogue(items: Sequence[CatalogueItem], path: str | os.PathLike, roo
             writer = csv.DictWriter(f, fieldnames=list(KNOWN_COLUMNS) + extra)
             writer.writeheader()
             writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 

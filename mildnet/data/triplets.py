@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..fileio import atomic_write_text
 from .catalogue import CatalogueError, CatalogueItem, check_images, load_catalogue
 
 __all__ = ["TripletOptions", "Triplet", "make_triplets", "write_triplets", "read_triplets", "summarise",
@@ -235,15 +236,6 @@ def summarise(triplets: Sequence[Triplet], items: Sequence[CatalogueItem]) -> di
     return out
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_triplets(out_dir: str | os.PathLike, triplets: Sequence[Triplet], items: Sequence[CatalogueItem],
                    *, image_root: Path | None = None, options: TripletOptions | None = None,
                    extra: dict | None = None) -> dict:
@@ -271,13 +263,13 @@ def write_triplets(out_dir: str | os.PathLike, triplets: Sequence[Triplet], item
             w.writerow([rel(t.q), rel(t.p), rel(t.n)])
             wd.writerow([rel(t.q), rel(t.p), rel(t.n), t.kind, items[t.q].item_id, items[t.n].item_id,
                          items[t.q].category, items[t.n].category, split])
-        _atomic_write_text(out_dir / f"{split}.csv", plain.getvalue())
-        _atomic_write_text(out_dir / f"{split}.details.csv", details.getvalue())
+        atomic_write_text(out_dir / f"{split}.csv", plain.getvalue())
+        atomic_write_text(out_dir / f"{split}.details.csv", details.getvalue())
         files[split] = f"{split}.csv"
     summary = {"image_root": str(image_root), "files": files,
                "options": asdict(options) if options else None, "splits": summarise(triplets, items),
                **(extra or {})}
-    _atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     return summary
 
 

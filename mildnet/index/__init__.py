@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .base import (DuplicateIdError, Hit, Index, IndexFileError, ModelVersionError, UnknownFilterKeyError,
-                   filter_token)
+from .base import (MAX_K, DuplicateIdError, Hit, Index, IndexFileError, ModelVersionError, UnknownFilterKeyError,
+                   check_k, filter_token)
 from .store import FORMAT_VERSION, SUFFIX, read_index_file, read_index_header
 
 BACKENDS = ("faiss", "milvus")
@@ -59,4 +59,4 @@ def load_index(path: str | os.PathLike) -> Index:
 
 __all__ = ["create_index", "load_index", "read_index_header", "read_index_file", "Index", "Hit",
            "IndexFileError", "ModelVersionError", "UnknownFilterKeyError", "DuplicateIdError", "filter_token",
-           "BACKENDS", "FORMAT_VERSION", "SUFFIX"]
+           "BACKENDS", "FORMAT_VERSION", "SUFFIX", "MAX_K", "check_k"]

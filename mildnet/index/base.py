@@ -18,6 +18,10 @@ import numpy as np
 
 METRICS = ("ip",)  # inner product == cosine similarity for the unit-norm embeddings MILDNet produces
 MAX_ID_LENGTH = 512
+# Most results one query may ask for, everywhere (Index.search, the `similar` Triton model, client/query.py).
+# A k above the catalogue size is fine (min(k, n) results come back); a k above this is a mistake or an abuse
+# (a 2^31 k would make the server allocate per-query arrays of that size), refused with a clear error.
+MAX_K = 10_000
 
 
 class IndexFileError(ValueError):
@@ -46,6 +50,15 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "score": self.score, "metadata": self.metadata}
+
+
+def check_k(k: Any) -> int:
+    """``k`` as an int if it is a valid number of results (1..MAX_K), else a ValueError saying why."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > MAX_K:
+        raise ValueError(f"k must be at most {MAX_K} results per query, got {k}")
+    return int(k)
 
 
 def filter_token(value: Any) -> str:
@@ -196,10 +209,9 @@ class Index(abc.ABC):
         """Top-``k`` items per query, best first. ``queries``: ``float32[Q, D]`` (or ``[D]`` for one).
 
         ``filter``: metadata equality, e.g. ``{"category": "Apple"}``; all keys must match. Exactly
-        ``min(k, number of matching items)`` hits come back per query.
+        ``min(k, number of matching items)`` hits come back per query; ``k`` above :data:`MAX_K` is refused.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        k = check_k(k)
         queries = np.asarray(queries)
         if queries.ndim == 1:
             queries = queries[None]
@@ -253,4 +265,4 @@ def exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarra
 
 
 __all__ = ["Hit", "Index", "IndexFileError", "ModelVersionError", "UnknownFilterKeyError", "DuplicateIdError",
-           "filter_token", "exact_topk", "METRICS"]
+           "filter_token", "exact_topk", "check_k", "METRICS", "MAX_K"]

@@ -24,13 +24,13 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..fileio import atomic_open
 from .base import IndexFileError
 
 MAGIC = b"MILDIDX\n"
@@ -78,34 +78,9 @@ def write_index_file(path: str | os.PathLike, payload: IndexPayload) -> None:
         digest.update(part)
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes), len(vec_bytes), len(blob), digest.digest())
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for part in (prefix, header_bytes, vec_bytes, blob):
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno is not None:  # disk full, file too large: keep errno, name the file
-            raise OSError(e.errno, f"cannot write index file: {e.strerror}", str(path)) from e
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:  # make the rename itself durable; not possible on every platform/filesystem
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_open(path, "wb", what="index file") as f:
+        for part in (prefix, header_bytes, vec_bytes, blob):
+            f.write(part)
 
 
 def _read_prefix(f, path: Path, size: int) -> tuple[int, int, int, bytes]:

@@ -141,7 +141,7 @@ def _load_vgg_weights(backbone: VGGTaps, weights_path: str | os.PathLike | None)
         feats = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
         source = str(weights_path)
     else:
-        from torchvision.models import VGG16_Weights, VGG19_Weights, vgg16, vgg19
+        from torchvision.models import VGG16_Weights, VGG19_Weights
         weights = VGG16_Weights.IMAGENET1K_V1 if backbone.depth == 16 else VGG19_Weights.IMAGENET1K_V1
         try:
             sd = weights.get_state_dict(progress=True)
@@ -188,7 +188,7 @@ _register("mildnet_512", "MILDNet-512: VGG16 taps, Dense 512-Dense 512 (compact 
     _vgg(16, VGG_TAPS, 512, 0.0, 7, "mildnet_512"))
 
 
-# -- MobileNet-v1 ---------------------------------------------------------------------------------------------
+# -- MobileNet-v1 and EfficientNet-Lite0 -----------------------------------------------------------------------
 def _pretrained_backbone(backbone: nn.Module, name: str) -> None:
     from .. import weights  # lazy: the converter is only needed for pretrained=True
     sd = weights.load_state_dict(name)
@@ -196,38 +196,34 @@ def _pretrained_backbone(backbone: nn.Module, name: str) -> None:
     backbone.load_state_dict(sd, strict=True)
 
 
-def _mobile(taps: tuple[str, ...], variant: str, head_dim: int | None = 1024, frozen: int = 4):
-    # frozen=4: stem + blocks 1-3, i.e. everything at stride <= 4, the MobileNet analogue of VGG's conv1-conv3
+def _light(backbone_cls: type, weights_name: str, spec, taps: tuple[str, ...], variant: str,
+           head_dim: int | None = 1024, frozen: int = 4):
+    """MobileNet-v1 / EfficientNet-Lite0 models. frozen=4: the stem and the units at stride <= 4, the analogue
+    of VGG's conv1-conv3. head_dim=None: a zero-shot backbone (last map pooled, no head), entirely frozen."""
     def build(pretrained: bool = False, input_size: int | None = None, dropout: float = 0.5) -> ZooModel:
-        backbone = MobileNetV1()
+        backbone = backbone_cls()
         if pretrained:
-            _pretrained_backbone(backbone, "mobilenet_v1")
+            _pretrained_backbone(backbone, weights_name)
         n = len(backbone.units()) if head_dim is None else frozen
-        return MILDNet(backbone, taps, head_dim, dropout, variant=variant, spec=_spec(MOBILE_SPEC, input_size),
+        return MILDNet(backbone, taps, head_dim, dropout, variant=variant, spec=_spec(spec, input_size),
                        model_kwargs=_kwargs(input_size, dropout=None if dropout == 0.5 else dropout),
                        frozen_units=n)
     return build
+
+
+def _mobile(taps: tuple[str, ...], variant: str, head_dim: int | None = 1024):
+    return _light(MobileNetV1, "mobilenet_v1", MOBILE_SPEC, taps, variant, head_dim)
+
+
+def _effnet(taps: tuple[str, ...], variant: str, head_dim: int | None = 1024):
+    return _light(EfficientNetLite0, "effnet_lite0", EFFNET_SPEC, taps, variant, head_dim)
 
 
 for _suffix in ABLATIONS:
-    _register(f"mildnet_mobile{_suffix}", "MILDNet-Mobile" + _MOBILE_ABLATION[_suffix], paper=True)(_mobile(_ablated(MOBILE_TAPS, _suffix), f"mildnet_mobile{_suffix}"))
+    _register(f"mildnet_mobile{_suffix}", "MILDNet-Mobile" + _MOBILE_ABLATION[_suffix], paper=True)(
+        _mobile(_ablated(MOBILE_TAPS, _suffix), f"mildnet_mobile{_suffix}"))
 _register("mobilenet_v1_gap", "zero-shot: ImageNet MobileNet-v1, last map GAP + L2 (1024-d), no head")(
     _mobile(("last",), "mobilenet_v1_gap", head_dim=None))
-
-
-# -- EfficientNet-Lite0 ---------------------------------------------------------------------------------------
-def _effnet(taps: tuple[str, ...], variant: str, head_dim: int | None = 1024, frozen: int = 4):
-    # frozen=4: stem + stages 1-2 (stride <= 4), as for MobileNet
-    def build(pretrained: bool = False, input_size: int | None = None, dropout: float = 0.5) -> ZooModel:
-        backbone = EfficientNetLite0()
-        if pretrained:
-            _pretrained_backbone(backbone, "effnet_lite0")
-        n = len(backbone.units()) if head_dim is None else frozen
-        return MILDNet(backbone, taps, head_dim, dropout, variant=variant, spec=_spec(EFFNET_SPEC, input_size),
-                       model_kwargs=_kwargs(input_size, dropout=None if dropout == 0.5 else dropout),
-                       frozen_units=n)
-    return build
-
 
 _register("mildnet_effnet_lite0", "ours: EfficientNet-Lite0, taps at stages 1/2/3/5/7 + head map, "
           "Dense 1024-Dropout 0.5-Dense 1024")(_effnet(EFFNET_TAPS, "mildnet_effnet_lite0"))
