@@ -242,27 +242,46 @@ class TritonEmbedder:
 
 
 # -- metrics ------------------------------------------------------------------------------------------------------
-def model_metrics(metrics_url: str, model: str) -> dict[str, float]:
-    """Triton's Prometheus counters for one model, summed over versions.
+_METRICS = {"nv_inference_count": "inference_count", "nv_inference_exec_count": "exec_count",
+            "nv_inference_request_success": "request_success", "nv_inference_request_failure": "request_failure",
+            "nv_inference_request_duration_us": "request_us", "nv_inference_queue_duration_us": "queue_us",
+            "nv_inference_compute_input_duration_us": "compute_input_us",
+            "nv_inference_compute_infer_duration_us": "compute_infer_us",
+            "nv_inference_compute_output_duration_us": "compute_output_us"}
 
-    Keys: ``inference_count`` (images), ``exec_count`` (forward passes), ``queue_us``, ``compute_infer_us``,
-    ``request_success``, ``request_failure``. Average batch = inference_count / exec_count.
+
+def model_metrics(metrics_url: str, model: str) -> dict[str, float]:
+    """Triton's Prometheus counters for one model, summed over versions (cumulative since the model loaded).
+
+    Keys: ``inference_count`` (images), ``exec_count`` (forward passes), ``request_success``,
+    ``request_failure``, and the summed microseconds ``request_us`` (a request's whole time in the server),
+    ``queue_us``, ``compute_input_us``, ``compute_infer_us``, ``compute_output_us``.
+    Average batch = inference_count / exec_count.
     """
     import urllib.request
 
-    names = {"nv_inference_count": "inference_count", "nv_inference_exec_count": "exec_count",
-             "nv_inference_queue_duration_us": "queue_us",
-             "nv_inference_compute_infer_duration_us": "compute_infer_us",
-             "nv_inference_request_success": "request_success", "nv_inference_request_failure": "request_failure"}
     url = metrics_url if metrics_url.startswith("http") else f"http://{metrics_url}/metrics"
     with urllib.request.urlopen(url, timeout=10) as r:
         text = r.read().decode()
-    out = dict.fromkeys(names.values(), 0.0)
+    out = dict.fromkeys(_METRICS.values(), 0.0)
     for line in text.splitlines():
         if line.startswith("#") or "{" not in line:
             continue
         metric, rest = line.split("{", 1)
         labels, _, value = rest.rpartition("}")
-        if metric in names and f'model="{model}"' in labels:
-            out[names[metric]] += float(value)
+        if metric in _METRICS and f'model="{model}"' in labels:
+            out[_METRICS[metric]] += float(value)
     return out
+
+
+def time_per_request(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Where a model's requests spent their time between two :func:`model_metrics` readings: milliseconds per
+    successful request in the queue, in compute (input, infer, output) and in all, plus the average batch."""
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    n = delta["request_success"]
+    if n <= 0:
+        return {"requests": 0}
+    per = {k[:-3] + "_ms": round(delta[k] / n / 1000, 2)
+           for k in ("request_us", "queue_us", "compute_input_us", "compute_infer_us", "compute_output_us")}
+    per["avg_batch"] = round(delta["inference_count"] / delta["exec_count"], 2) if delta["exec_count"] else 0.0
+    return {"requests": int(n), **per}

@@ -14,7 +14,7 @@ import torch
 from mildnet.imageio import preprocess
 from mildnet.index import MAX_K
 from mildnet.remote import (ModelNotReady, RemoteInferenceError, ServerUnavailable, TritonEmbedder,
-                            model_metrics)
+                            model_metrics, time_per_request)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
@@ -110,6 +110,22 @@ def test_dynamic_batching_forms_batches(triton_server, http_remote, served_repos
     assert images == 64
     assert images / passes > 1.0, f"no batching: {images} images in {passes} forward passes"
     np.testing.assert_allclose(np.stack(outs)[:, 0], np.repeat(outs[0], 64, 0), atol=1e-5)  # batch-invariant
+    times = time_per_request(before, after)  # where the time went, from Triton's own counters
+    assert times["requests"] == 64 and times["avg_batch"] == pytest.approx(images / passes, abs=0.01)
+    assert 0 < times["compute_infer_ms"] <= times["request_ms"]
+    assert times["queue_ms"] + times["compute_input_ms"] + times["compute_infer_ms"] + times["compute_output_ms"] \
+        <= times["request_ms"] * 1.05 + 0.05  # the parts never exceed the whole (counters are rounded)
+
+
+def test_time_per_request_from_counters():
+    zero = dict.fromkeys(["inference_count", "exec_count", "request_success", "request_failure", "request_us",
+                          "queue_us", "compute_input_us", "compute_infer_us", "compute_output_us"], 0.0)
+    after = {**zero, "inference_count": 8, "exec_count": 2, "request_success": 8, "request_us": 80_000,
+             "queue_us": 16_000, "compute_input_us": 800, "compute_infer_us": 60_000, "compute_output_us": 400}
+    assert time_per_request(zero, after) == {"requests": 8, "request_ms": 10.0, "queue_ms": 2.0,
+                                             "compute_input_ms": 0.1, "compute_infer_ms": 7.5,
+                                             "compute_output_ms": 0.05, "avg_batch": 4.0}
+    assert time_per_request(after, after) == {"requests": 0}
 
 
 @pytest.mark.server
