@@ -15,7 +15,7 @@ export MAX_JOBS ?= 2
 KERNEL_SOURCES := $(shell find kernels -type f 2>/dev/null) setup.py
 PYTEST_ARGS ?=
 
-.PHONY: all venv build cmake-test test demo serve loadtest bench clean help
+.PHONY: all venv build cmake-test test demo demo-record serve loadtest bench clean help
 all: build
 
 help:
@@ -46,11 +46,24 @@ cmake-test: $(BUILD_STAMP)
 test: cmake-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The whole journey on real data (client/demo.py): data, weights, triplets, a short training, export, Triton,
+# index, queries, results page + summary (work/demo/), a short load test. Reruns reuse what is done.
+DEMO_ARGS ?=
+demo: $(BUILD_STAMP)
+	$(PY) client/demo.py $(DEMO_ARGS)
+
+# The demo, also recording the README's figures (bench/results/demo.json, docs/img/demo_query.png).
+demo-record: $(BUILD_STAMP)
+	$(PY) client/demo.py --record $(DEMO_ARGS)
+	$(PY) bench/report.py
+
 serve: $(BUILD_STAMP)
 	$(PY) -m mildnet serve --repository model_repository
 
+# Every benchmark (JSON in bench/results/), then the README's tables from them.
 bench: $(BUILD_STAMP)
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	for b in bench/*.py; do [ $$b = bench/report.py ] || $(PY) $$b || exit 1; done
+	$(PY) bench/report.py
 
 clean:
 	rm -rf build *.egg-info mildnet/*.so $(BUILD_STAMP)

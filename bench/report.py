@@ -228,14 +228,27 @@ def render_soak() -> str:
 
 def render_demo() -> str:
     if not (RESULTS / "demo.json").exists():
-        return "_No demo run recorded yet: `make demo` writes `bench/results/demo.json`._"
+        return "_No demo run recorded yet: `make demo-record` writes `bench/results/demo.json`._"
     s = load("demo.json")
+    lo = s["locust"]
+    times = [[f"`{model}`", t["requests"], f"{t['request_ms']:.1f}", f"{t['queue_ms']:.1f}",
+              f"{t['compute_input_ms'] + t['compute_output_ms']:.1f}", f"{t['compute_infer_ms']:.1f}",
+              f"{t['avg_batch']:.1f}"]
+             for model, t in s["time_per_request"].items() if t.get("requests")]
     return "\n".join([
-        table(["catalogue", "queries", "top-1", "top-5", "img/s (locust)", "p50 (ms)", "p95 (ms)", "p99 (ms)"],
-              [[s["catalogue_items"], s["queries"], pct(s["top1"]), pct(s["top5"]), f"{s['locust']['rps']:.1f}",
-                f"{s['locust']['p50_ms']:.0f}", f"{s['locust']['p95_ms']:.0f}", f"{s['locust']['p99_ms']:.0f}"]]),
+        table(["catalogue", "queries", "top-1", "top-5", "load test", "requests/s", "failures", "p50 (ms)",
+               "p95 (ms)", "p99 (ms)", "demo time"],
+              [[s["catalogue_items"], s["queries"], pct(s["top1"]), pct(s["top5"]),
+                f"{lo['seconds']} s, {lo['users']} users", f"{lo['rps']:.1f}", lo["failures"],
+                f"{lo['p50_ms']:.0f}", f"{lo['p95_ms']:.0f}", f"{lo['p99_ms']:.0f}", f"{s['seconds'] / 60:.1f} min"]],
+              "r" * 11),
         "",
-        source(["demo.json"], "make demo"),
+        "Where a request's time went inside Triton during the load test (ms per request, from Triton's metrics; "
+        "see [docs/serving.md](docs/serving.md#where-the-time-goes-per-request)):",
+        "",
+        table(["model", "requests", "in Triton", "queue", "input + output", "compute", "batch"], times),
+        "",
+        source(["demo.json"], "make demo-record"),
     ])
 
 

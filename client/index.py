@@ -160,6 +160,7 @@ def build_index(entries: list[tuple[str, Path, dict]], out: Path, embedder, *, a
     from tqdm import tqdm
 
     model_version, dim = model_identity(embedder)
+    out.parent.mkdir(parents=True, exist_ok=True)
     journal = Journal(out.with_name(out.name + ".journal"))
     partial = out.with_name(out.name + ".partial")
     resuming = journal.exists() or partial.exists()

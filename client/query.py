@@ -149,7 +149,7 @@ def write_png(path: Path, query_bytes: bytes, rows: Sequence[dict[str, Any]], co
     sheet = Image.new("RGB", (cols * cell_w, ((n + cols - 1) // cols) * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
     items = [(_thumbnail(query_bytes), ["QUERY"])] + [
-        (_thumbnail(r["path"]) if r["path"] else None, [f"#{r['rank']} {r['score']:.3f}", _short(r["id"], 26)])
+        (_thumbnail(r["path"]) if r["path"] else None, [f"#{r['rank']}   score {r['score']:.3f}", _short(r["id"], 26)])
         for r in rows]
     for i, (img, caption) in enumerate(items):
         x, y = (i % cols) * cell_w + 5, (i // cols) * cell_h + 5

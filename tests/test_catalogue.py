@@ -146,6 +146,9 @@ def test_idx_reader_and_fashion_mnist_adapter(tmp_path):
         ("train", "T-shirt/top", "tops"), ("train", "Pullover", "tops"), ("train", "Sandal", "footwear")]
     assert items[-1].split == "val" and items[-1].item_id == "Bag"
     np.testing.assert_array_equal(np.asarray(Image.open(items[1].path)), imgs[1])
+    again = load_catalogue(write_catalogue(items, tmp_path / "fashion.csv"))  # its metadata names no column alias
+    assert [(i.item_id, i.metadata["class_index"]) for i in again] == [(i.item_id, str(i.metadata["class_index"]))
+                                                                         for i in items]
     (tmp_path / "bad-idx").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05abc")
     with pytest.raises(CatalogueError, match="IDX body is 3 bytes"):
         read_idx(tmp_path / "bad-idx")

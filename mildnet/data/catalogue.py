@@ -542,7 +542,7 @@ def fashion_mnist_catalogue(root: str | os.PathLike = "/usr/share/datasets/fashi
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(np.ascontiguousarray(images[i]), "L").save(path)
             items.append(CatalogueItem(path, FASHION_CLASSES[label], FASHION_CATEGORIES[label], "shop", split,
-                                       {"index": i, "label": label}))
+                                       {"index": i, "class_index": label}))  # not "label": a column alias
     return items
 
 
