@@ -49,7 +49,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from mildnet.data.catalogue import (CatalogueItem, fashion_mnist_catalogue, grocery_catalogue, index_entries,  # noqa: E402
                                     write_catalogue)
-from mildnet.fileio import atomic_write_text  # noqa: E402
+from mildnet.fileio import atomic_write_text, sha256_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = Path(__file__).resolve().parent
@@ -199,14 +199,6 @@ def demo_data(choice: DataChoice, work: Path, *, classes: int | None = None, que
 def settings_key(**settings) -> str:
     """A short name for a set of settings: a stage's folder, so other settings never reuse its output."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _show(cmd: Sequence) -> str:

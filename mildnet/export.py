@@ -17,7 +17,6 @@ of one. Version folders are build output (gitignored); the committed repository 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -28,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, sha256_file
 from .triton_models import EXPORT_INFO_FILE, WEIGHTS_FILE, version_dirs
 
 TEMPLATE_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
@@ -210,14 +209,6 @@ parameters {{ key: "index_path" value: {{ string_value: "" }} }}
 
 
 # -- files ------------------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_if_changed(path: Path, text: str) -> None:
     """Rewrite only real changes: a polling server reloads a model whenever its folder's files change."""
     if not (path.is_file() and path.read_text() == text):

@@ -7,6 +7,7 @@ behind. A write that fails for lack of room raises an ``OSError`` that keeps its
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -60,6 +61,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview, *, wha
 def atomic_write_text(path: str | os.PathLike, text: str, *, what: str = "file") -> None:
     with atomic_open(path, "w", what=what, encoding="utf-8", newline="") as f:
         f.write(text)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (checkpoints and indexes can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -12,7 +12,8 @@ from tritonclient.grpc import model_config_pb2
 from mildnet import models
 from mildnet.checkpoint import save_checkpoint
 from mildnet.cli import main as cli_main
-from mildnet.export import TEMPLATE_REPOSITORY, ServingConfig, export_model, sha256_file
+from mildnet.export import TEMPLATE_REPOSITORY, ServingConfig, export_model
+from mildnet.fileio import sha256_file
 from mildnet.spec import PreprocessSpec
 from mildnet.triton_models import ServedModelInfo, latest_export
 
