@@ -86,6 +86,7 @@ def main() -> int:
     ap.add_argument("--optimizer", default="adamw", choices=("sgd", "adamw"))
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--freeze-units", type=int, default=14, help="backbone units frozen (14 = all; 0 = model's own)")
+    ap.add_argument("--tap-norm", action="store_true", help="L2-normalise each pooled tap (ours, not the paper's)")
     ap.add_argument("--augment", action="store_true", help="the paper's augmentations (off by default: speed)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -132,7 +133,7 @@ def main() -> int:
                           max_train_triplets=args.train_triplets or None, optimizer=args.optimizer, lr=args.lr,
                           augment=args.augment, freeze_units=args.freeze_units or None,
                           freeze_bn=bool(args.freeze_units), seed=args.seed, cache=str(cache), progress=False,
-                          threads=args.threads)
+                          threads=args.threads, model_kwargs={"tap_norm": True} if args.tap_norm else {})
         res = train(cfg)
         train_s = time.time() - t0
         model = load_checkpoint(work / name / "best.pt")

@@ -383,6 +383,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mildnet_mobile", help="model zoo name (default mildnet_mobile)")
     p.add_argument("--pretrained", action="store_true", help="start from ImageNet backbone weights")
     p.add_argument("--input-size", type=int, help="override the model's input size (e.g. 128 on a CPU)")
+    p.add_argument("--tap-norm", action="store_true",
+                   help="L2-normalise each pooled tap before the concat (MobileNet/EfficientNet models)")
     p.add_argument("--image-root", help="folder the triplet paths are relative to (default: from summary.json)")
     p.add_argument("--allow-outside-root", action="store_true")
     p.add_argument("--loss", default="hinge", choices=("hinge", "batch_hinge", "contrastive"))
@@ -423,7 +425,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         augment=not args.no_augment, max_train_triplets=args.max_train_triplets,
         max_val_triplets=args.max_val_triplets, max_steps=args.max_steps, select=args.select, device=args.device,
         amp=not args.no_amp, cache=args.cache, threads=args.threads, progress=not args.no_progress,
-        freeze_units=args.freeze_units, freeze_bn=args.freeze_bn)
+        freeze_units=args.freeze_units, freeze_bn=args.freeze_bn,
+        model_kwargs={"tap_norm": True} if args.tap_norm else {})
 
 
 def run(args: argparse.Namespace) -> int:

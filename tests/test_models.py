@@ -142,6 +142,22 @@ def test_head_pools_through_gap_concat(monkeypatch):
     assert calls == [5]
 
 
+def test_tap_norm_gives_each_pooled_tap_unit_length(monkeypatch):
+    import mildnet.models.head as head
+    pooled = []
+    real = head.gap_concat
+    monkeypatch.setattr(head, "gap_concat", lambda maps, **kw: pooled.append(real(maps, **kw)) or pooled[-1])
+    model = models.create("mildnet_mobile", input_size=SIZE, tap_norm=True).eval()
+    assert model.model_kwargs == {"input_size": SIZE, "tap_norm": True}  # so a checkpoint rebuilds it
+    with torch.no_grad():
+        model(torch.rand(2, 3, SIZE, SIZE))
+    widths = [model.backbone.tap_channels[t] for t in model.taps]
+    norms = torch.stack([part.norm(dim=1) for part in pooled[0].split(widths, dim=1)])  # (taps, N)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    plain = models.create("mildnet_mobile", input_size=SIZE).eval()
+    assert plain.model_kwargs == {"input_size": SIZE}  # off by default: the paper's head
+
+
 def test_frozen_batchnorm_stays_in_eval_mode():
     model = models.create("mildnet_mobile", input_size=SIZE).train()
     assert not model.backbone.stem.bn.training  # frozen: running stats must not drift

@@ -200,14 +200,16 @@ def _light(backbone_cls: type, weights_name: str, spec, taps: tuple[str, ...], v
            head_dim: int | None = 1024, frozen: int = 4):
     """MobileNet-v1 / EfficientNet-Lite0 models. frozen=4: the stem and the units at stride <= 4, the analogue
     of VGG's conv1-conv3. head_dim=None: a zero-shot backbone (last map pooled, no head), entirely frozen."""
-    def build(pretrained: bool = False, input_size: int | None = None, dropout: float = 0.5) -> ZooModel:
+    def build(pretrained: bool = False, input_size: int | None = None, dropout: float = 0.5,
+              tap_norm: bool = False) -> ZooModel:
         backbone = backbone_cls()
         if pretrained:
             _pretrained_backbone(backbone, weights_name)
         n = len(backbone.units()) if head_dim is None else frozen
         return MILDNet(backbone, taps, head_dim, dropout, variant=variant, spec=_spec(spec, input_size),
-                       model_kwargs=_kwargs(input_size, dropout=None if dropout == 0.5 else dropout),
-                       frozen_units=n)
+                       model_kwargs=_kwargs(input_size, dropout=None if dropout == 0.5 else dropout,
+                                            tap_norm=tap_norm or None),
+                       frozen_units=n, tap_norm=tap_norm)
     return build
 
 

@@ -119,17 +119,19 @@ class MILDNet(ZooModel):
     ``backbone`` offers ``forward_taps(x, names) -> list[Tensor]``, ``tap_channels``, ``units()`` and
     ``min_input_size``. ``taps`` must end with ``"last"`` (the final map always reaches the head). With
     ``head_dim=None`` the pooled concat is the embedding (the zero-shot GAP baselines). The first
-    ``frozen_units`` of ``backbone.units()`` are frozen.
+    ``frozen_units`` of ``backbone.units()`` are frozen. ``tap_norm`` L2-normalises each pooled tap before the
+    concat (ours; the paper concatenates them as they are).
     """
 
     def __init__(self, backbone: nn.Module, taps: tuple[str, ...], head_dim: int | None, dropout: float, *,
-                 variant: str, spec: PreprocessSpec, model_kwargs: dict[str, Any], frozen_units: int):
+                 variant: str, spec: PreprocessSpec, model_kwargs: dict[str, Any], frozen_units: int,
+                 tap_norm: bool = False):
         super().__init__()
         unknown = [t for t in taps if t not in backbone.tap_channels]
         if unknown or not taps or taps[-1] != "last":
             raise ValueError(f"{variant}: taps {taps} must be names from {list(backbone.tap_channels)} ending "
                              "with 'last'")
-        self.backbone, self.taps = backbone, tuple(taps)
+        self.backbone, self.taps, self.tap_norm = backbone, tuple(taps), tap_norm
         self.min_input_size = backbone.min_input_size
         self.pooled_dim = sum(backbone.tap_channels[t] for t in taps)
         self.head = DenseHead(self.pooled_dim, head_dim, dropout) if head_dim else None
@@ -144,6 +146,7 @@ class MILDNet(ZooModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``Tensor[N, 3, S, S]`` (preprocessed with ``self.spec``) -> unit ``Tensor[N, embedding_dim]``."""
-        pooled = gap_concat(self.tap_maps(x), l2_normalize=False)  # (N, sum C_k)
+        # tap_norm: each pooled tap gets unit length, so a shallow tap's large activations cannot drown the others
+        pooled = gap_concat(self.tap_maps(x), l2_normalize=self.tap_norm)  # (N, sum C_k)
         z = self.head(pooled) if self.head is not None else pooled  # (N, D)
         return F.normalize(z, dim=1)
