@@ -108,6 +108,9 @@ ACCURACY_FILES = {  # file -> command that writes it
     "accuracy_10epochs_finetune.json": "python bench/accuracy.py --epochs 10 --models mildnet_mobile --zero-shot '' "
                                        "--freeze-units 0 --lr 1e-4 --work runs/bench_accuracy_finetune "
                                        "--out bench/results/accuracy_10epochs_finetune.json",
+    "accuracy_3epochs_all_triplets.json": "python bench/accuracy.py --epochs 3 --train-triplets 0 --models "
+                                          "mildnet_mobile --zero-shot '' --work runs/bench_accuracy_all "
+                                          "--out bench/results/accuracy_3epochs_all_triplets.json",
 }
 
 
