@@ -35,9 +35,10 @@ KINDS = ("auto", "flat", "hnsw", "ivfpq")
 # (~115 ms at 100k and ~960 ms at 1M on the shared 2-core machine), HNSW answers in 1-3 ms. Below ~50k
 # items exactness is worth a few ms per query and costs no build. efSearch=128: recall@10 0.988 at 100k,
 # 0.946 at 1M with this graph (M=16, efConstruction=40); raise ef_search/hnsw_m for bigger catalogues.
-# At 1M, IVF-PQ (sqrt(N) lists, 16 dims per code byte) shortlisting k*20 candidates that are re-ranked
-# exactly reached recall@10 0.956-0.962 at 62-63x exact q/s (bench/results/retrieval_ivfpq_1m.json), where
-# this HNSW reached 0.946 at 34x; at 100k HNSW is the better one. Between the two sizes is unmeasured:
+# At 1M on a quiet machine, IVF-PQ (sqrt(N) lists, 8 dims per code byte, 4 lists probed) shortlisting k*10
+# candidates that are re-ranked exactly reached recall@10 0.952 at 58x exact q/s at 512-d and 0.971 at 55x at
+# 1024-d (bench/results/retrieval_ivfpq_1m_m64.json, retrieval_ivfpq_1m_1024_m128.json), where this HNSW
+# reached 0.946 at 34x; at 100k HNSW is the better one. Between the two sizes is unmeasured:
 # the switch sits at 1M, where it was measured.
 AUTO_THRESHOLD = 50_000
 IVFPQ_MIN_TRAIN = 1_000  # PQ needs 256 training points per sub-quantizer; IVF needs >= nlist
@@ -47,9 +48,9 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "hnsw_m": 16,  # graph degree: memory N*M*8 bytes on top of the vectors
     "ef_construction": 40,
     "ef_search": 128,  # raised to k when k is larger
-    "nprobe": 16,  # IVF lists visited per query
-    "rerank_factor": 20,  # IVF-PQ shortlist = k * this, re-ranked with the exact vectors
-    "pq_dims_per_byte": 16,
+    "nprobe": 4,  # IVF lists visited per query
+    "rerank_factor": 10,  # IVF-PQ shortlist = k * this, re-ranked with the exact vectors
+    "pq_dims_per_byte": 8,  # finer codes make a better shortlist, so fewer lists and candidates suffice
 }
 _TOMBSTONE_REBUILD_FRACTION = 0.25
 
