@@ -312,7 +312,6 @@ def build_index(data: DemoData, work: Path, data_key: str, index_file: Path, mod
         except IndexFileError as e:
             print(f"{index_file} is unreadable ({e}): rebuilding it")
         index_file.unlink()
-    index_file.parent.mkdir(parents=True, exist_ok=True)  # index.py expects the folder to exist
     stats = run_cmd([sys.executable, CLIENT / "index.py", gallery, "--root", data.root, "--out", index_file,
                      "--url", url, "--json"], capture=True)
     return json.loads(stats)
@@ -325,9 +324,8 @@ def _pending_model(journal: Path, partial: Path) -> str | None:
     try:
         if partial.exists():
             return read_index_header(partial).get("model_version")
-        with open(journal) as f:
-            return json.loads(f.readline()).get("model_version")
-    except (OSError, ValueError):
+        return _script("index").Journal(journal).header().get("model_version")
+    except (OSError, ValueError):  # IndexFileError is a ValueError
         return None
 
 

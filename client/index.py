@@ -35,6 +35,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mildnet.data.catalogue import index_entries  # the one reader of catalogues: rows -> (id, path, metadata)
+from mildnet.fileio import atomic_write_text  # noqa: E402
 from mildnet.index import IndexFileError, ModelVersionError, create_index, load_index, read_index_header
 
 EXIT_OK, EXIT_ERROR, EXIT_SERVER = 0, 1, 3
@@ -54,12 +55,20 @@ class Journal:
 
     def start(self, model_version: str, dim: int) -> None:
         header = {"format": JOURNAL_FORMAT, "model_version": model_version, "dim": dim}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(header) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(header) + "\n", what="indexing journal")
+
+    def header(self) -> dict:
+        """The first line: which model version and dim the run embedded with."""
+        with open(self.path, "rb") as f:
+            return self._parse_header(f.readline())
+
+    def _parse_header(self, line: bytes) -> dict:
+        try:
+            header = json.loads(line)
+            assert header.get("format") == JOURNAL_FORMAT
+        except (ValueError, AssertionError, AttributeError):
+            raise IndexFileError(f"{self.path}: not an indexing journal; delete it to start over") from None
+        return header
 
     def append(self, ids: Sequence[str], metadata: Sequence[dict], vectors: np.ndarray) -> None:
         raw = np.ascontiguousarray(vectors, dtype="<f4").tobytes()
@@ -74,11 +83,7 @@ class Journal:
         """Yield the complete batches; truncate the file after the last complete one."""
         with open(self.path, "rb") as f:
             lines = f.read().split(b"\n")
-        try:
-            header = json.loads(lines[0])
-            assert header.get("format") == JOURNAL_FORMAT
-        except (ValueError, AssertionError):
-            raise IndexFileError(f"{self.path}: not an indexing journal; delete it to start over") from None
+        header = self._parse_header(lines[0])
         if header["model_version"] != model_version or int(header["dim"]) != dim:
             raise ModelVersionError(
                 f"{self.path}: unfinished run embedded with model version {header['model_version']!r} "
