@@ -42,6 +42,9 @@ from mildnet.serve import TritonServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 VARIANTS = {"mobile": "mildnet_mobile", "vgg16": "mildnet_vgg16"}
+# Triton model per batching mode. The default export sheds overload through a queue policy; Triton 2.51 then
+# stalls ~0.5 s now and then (docs/serving.md), so the same model without the policy is measured too.
+MODEL_OF_BATCHING = {"dynamic": "mildnet", "none": "mildnet_nobatch", "dynamic, no queue policy": "mildnet_nopolicy"}
 
 
 # -- in-process ----------------------------------------------------------------------------------------------------
@@ -54,19 +57,24 @@ def timed_loop(fn, window: float, min_iters: int = 2) -> tuple[int, float]:
     return n, time.perf_counter() - start
 
 
-def in_process(model, size: int, batch_sizes: list[int], window: float) -> list[dict]:
-    rows = []
-    for b in batch_sizes:
-        x = torch.randn(b, 3, size, size)
+def in_process(model, size: int, batch_sizes: list[int], window: float, passes: int = 2) -> list[dict]:
+    """Best of ``passes`` sweeps over the batch sizes: a sweep disturbed by other work does not decide a ratio."""
+    rows = {}
+    for _ in range(passes):
+        for b in batch_sizes:
+            x = torch.randn(b, 3, size, size)
 
-        def step():
-            with torch.inference_mode():
-                model(x)
+            def step():
+                with torch.inference_mode():
+                    model(x)
 
-        n, secs = timed_loop(step, window)
-        rows.append({"batch": b, "img_per_s": n * b / secs, "latency_ms": secs / n * 1e3})
-        print(f"  in-process batch {b:>2}: {rows[-1]['img_per_s']:7.1f} img/s", flush=True)
-    return rows
+            n, secs = timed_loop(step, window / passes)
+            row = {"batch": b, "img_per_s": n * b / secs, "latency_ms": secs / n * 1e3}
+            if b not in rows or row["img_per_s"] > rows[b]["img_per_s"]:
+                rows[b] = row
+    for r in rows.values():
+        print(f"  in-process batch {r['batch']:>2}: {r['img_per_s']:7.1f} img/s", flush=True)
+    return list(rows.values())
 
 
 def matmul_flops(window: float, n: int = 1024) -> float:
@@ -158,10 +166,13 @@ def triton_points(name: str, model, size: int, args, points: list[tuple[str, str
                      pipeline=False)
         export_model(model, repo, ServingConfig(model_name="mildnet_nobatch", max_batch_size=32,
                                                 dynamic_batching=False), pipeline=False)
+        export_model(model, repo, ServingConfig(model_name="mildnet_nopolicy", max_batch_size=32,
+                                                max_queue_delay_us=args.queue_delay_us, max_queue_size=0),
+                     pipeline=False)
         with TritonServer(repo, model_control_mode="none", log_file=Path(tmp) / "triton.log",
-                          extra_args=["--metrics-interval-ms=250"]) as server:
+                          extra_args=["--metrics-interval-ms=250", *args.server_arg]) as server:
             for protocol, batching, conc in points:
-                model_name = "mildnet" if batching == "dynamic" else "mildnet_nobatch"
+                model_name = MODEL_OF_BATCHING[batching]
                 url = server.http_url if protocol == "http" else server.grpc_url
                 time.sleep(0.6)
                 before = model_metrics(server.metrics_url, model_name)
@@ -195,6 +206,7 @@ def bench_model(key: str, size: int, args) -> dict:
         points = [(p, b, c) for p in ("http", "grpc") for b in ("dynamic", "none") for c in conc]
     else:
         points = [("http", "dynamic", 1), ("http", "dynamic", 16), ("http", "none", 16), ("grpc", "dynamic", 16)]
+    points += [("http", "dynamic, no queue policy", 1)] + [(p, "dynamic, no queue policy", 16) for p in ("http", "grpc")]
     served = triton_points(key, model, size, args, points)
     matmul_samples.append(matmul_flops(2.0))  # on a shared machine the rate moves: the roof is the best seen
     roof_flops = max(matmul_samples)
@@ -205,10 +217,15 @@ def bench_model(key: str, size: int, args) -> dict:
                      == (protocol, batching, c)), None)
 
     dyn16 = max(v for v in (at("http", "dynamic", 16), at("grpc", "dynamic", 16)) if v is not None)
+    nopolicy16 = max(at(p, "dynamic, no queue policy", 16) for p in ("http", "grpc"))
     roof = roof_flops / flops
     ratios = {"dyn_c16_over_inprocess_best": dyn16 / best["img_per_s"],
               "dyn_over_nobatch_c16_http": at("http", "dynamic", 16) / at("http", "none", 16),
-              "served_over_compute_roof": dyn16 / roof, "inprocess_over_compute_roof": best["img_per_s"] / roof}
+              "dyn_nopolicy_c16_over_inprocess_best": nopolicy16 / best["img_per_s"],
+              "dyn_nopolicy_over_nobatch_c16_http": at("http", "dynamic, no queue policy", 16) / at("http", "none", 16),
+              "served_over_compute_roof": dyn16 / roof, "inprocess_over_compute_roof": best["img_per_s"] / roof,
+              # what batching can buy at all: a server that batches cannot beat the model's own batched speed
+              "inprocess_batching_gain": best["img_per_s"] / eager[0]["img_per_s"]}
     return {"variant": variant, "input_size": size, "model_gflops_per_image": flops / 1e9,
             "matmul_gflops_per_s": roof_flops / 1e9, "matmul_gflops_samples": [m / 1e9 for m in matmul_samples], "compute_roof_img_per_s": roof,
             "in_process": eager, "in_process_best": best, "triton": served, "ratios": ratios}
@@ -224,7 +241,7 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(entries), figsize=(6.5 * len(entries), 4.5), squeeze=False)
     for ax, (key, r) in zip(axes[0], entries.items()):
         for protocol in ("http", "grpc"):
-            for batching, style in (("dynamic", "-"), ("none", "--")):
+            for batching, style in (("dynamic", "-"), ("none", "--"), ("dynamic, no queue policy", ":")):
                 pts = sorted((p["concurrency"], p["img_per_s"]) for p in r["triton"]
                              if p["protocol"] == protocol and p["batching"] == batching)
                 if pts:
@@ -251,6 +268,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                     help="torch threads in-process (the server uses cores / instances)")
     ap.add_argument("--full", action="store_true", help="every point for VGG16 too (slow)")
+    ap.add_argument("--server-arg", action="append", default=[], help="extra tritonserver flag (repeatable)")
     ap.add_argument("--out", default=str(RESULTS / "serving.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -270,10 +288,14 @@ def main(argv=None) -> int:
     targets = {}
     for key, r in results["models"].items():
         q = r["ratios"]
-        targets[key] = {"serving_overhead (>= 0.9)": [round(q["dyn_c16_over_inprocess_best"], 3),
-                                                      q["dyn_c16_over_inprocess_best"] >= 0.9],
-                        "dynamic_vs_batch1 (>= 1.5)": [round(q["dyn_over_nobatch_c16_http"], 3),
-                                                       q["dyn_over_nobatch_c16_http"] >= 1.5]}
+        out_of_reach = (f"missed, and out of reach on this machine: in-process, batch "
+                        f"{r['in_process_best']['batch']} is only {q['inprocess_batching_gain']:.2f}x batch 1")
+        targets[key] = {}
+        for label, prefix in (("", "dyn"), (", no queue policy", "dyn_nopolicy")):
+            overhead, gain = q[f"{prefix}_c16_over_inprocess_best"], q[f"{prefix}_over_nobatch_c16_http"]
+            targets[key][f"serving_overhead{label} (>= 0.9)"] = [round(overhead, 3), overhead >= 0.9]
+            targets[key][f"dynamic_vs_batch1{label} (>= 1.5)"] = [
+                round(gain, 3), gain >= 1.5 or (out_of_reach if q["inprocess_batching_gain"] < 1.5 else False)]
         if key == "vgg16":
             # In-process above the "roof" means the matmul probe ran while other work held the cores: the
             # roof is then too low to judge against, and the verdict says so rather than claiming a pass.

@@ -44,13 +44,17 @@ class ServingConfig:
     kind: str = "cpu"  # "cpu" | "gpu"
     dynamic_batching: bool = True
     max_queue_delay_us: int = 2000
-    max_queue_size: int = 256  # beyond this the server sheds load with an error instead of queueing forever
+    # Beyond this the server sheds load with an error instead of queueing forever. 0: no queue policy (no
+    # shedding); Triton 2.51 then also skips the ~0.5 s scheduler stalls it shows with any policy (docs/serving.md).
+    max_queue_size: int = 256
     queue_timeout_us: int = 30_000_000
     preprocess_instances: int = 1
 
     def __post_init__(self):
         if self.max_batch_size < 1:
             raise ValueError(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_size < 0:
+            raise ValueError(f"--max-queue-size must be >= 0 (0: no queue policy), got {self.max_queue_size}")
         if self.instances < 1:
             raise ValueError(f"--instances must be >= 1, got {self.instances}")
         if self.kind not in ("cpu", "gpu"):
@@ -67,16 +71,17 @@ def _dims(shape) -> str:
 def _queueing(cfg: ServingConfig, delay_us: int) -> str:
     if not cfg.dynamic_batching:
         return ""
-    return f"""
-dynamic_batching {{
-  max_queue_delay_microseconds: {delay_us}
-  default_queue_policy {{
+    policy = "" if not cfg.max_queue_size else f"""  default_queue_policy {{
     max_queue_size: {cfg.max_queue_size}
     timeout_action: REJECT
     default_timeout_microseconds: {cfg.queue_timeout_us}
     allow_timeout_override: true
   }}
-}}
+"""
+    return f"""
+dynamic_batching {{
+  max_queue_delay_microseconds: {delay_us}
+{policy}}}
 """
 
 
@@ -316,6 +321,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--max-queue-delay-us", type=int, default=2000,
                         help="how long dynamic batching waits to fill a batch (default: %(default)s)")
+    parser.add_argument("--max-queue-size", type=int, default=256,
+                        help="requests queued before the server answers new ones with an error (default: "
+                             "%(default)s); 0: no queue policy, nothing shed (see docs/serving.md)")
     parser.add_argument("--no-dynamic-batching", action="store_true", help="serve every request alone")
     parser.add_argument("--no-pipeline", action="store_true",
                         help="write only the embedding model, leave preprocess/ensemble/similar alone")
@@ -336,7 +344,7 @@ def load_model_for_export(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     cfg = ServingConfig(model_name=args.model_name, max_batch_size=args.max_batch_size, instances=args.instances,
                         kind=args.kind, dynamic_batching=not args.no_dynamic_batching,
-                        max_queue_delay_us=args.max_queue_delay_us)
+                        max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size)
     model = load_model_for_export(args)
     result = export_model(model, args.repository, cfg, source_checkpoint=args.checkpoint,
                           pipeline=not args.no_pipeline)

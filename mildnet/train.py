@@ -43,6 +43,7 @@ from .data.transforms import PaperAugment, normalize
 from .data.triplets import read_triplets
 from .fileio import atomic_open, atomic_write_text
 from .losses import distance, get_loss, split_triplets, triplet_correct
+from .models.head import MILDNet
 
 __all__ = ["TrainConfig", "train", "triplet_metrics", "configure_parser", "run"]
 
@@ -80,6 +81,8 @@ class TrainConfig:
     threads: int | None = None
     progress: bool = True
     freeze_units: int | None = None  # freeze the first N backbone units (beyond what the model freezes)
+    freeze_backbone: bool = False  # freeze every backbone unit: only the dense head trains
+    pool_once: bool = True  # head-only training without augmentation: pool each image's taps once (see _pools_once)
     freeze_bn: bool = False  # keep every BatchNorm on its pretrained statistics (small triplet batches)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -172,6 +175,28 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
+def _pools_once(model: torch.nn.Module) -> bool:
+    """True when only a MILDNet's dense head trains: then each image's pooled taps never change (the frozen
+    backbone, BatchNorms included, is deterministic), so they are computed once instead of every epoch; the
+    head sees the same inputs and dropout draws, so training is the same, only many times faster."""
+    head = getattr(model, "head", None)
+    if not isinstance(model, MILDNet) or head is None:
+        return False
+    in_head = {id(p) for p in head.parameters()}
+    return all(id(p) in in_head for p in model.trainable_parameters())
+
+
+class _PooledHead(torch.nn.Module):
+    """A MILDNet above its pooled taps, as a module (what DDP wraps when only the head trains)."""
+
+    def __init__(self, model: MILDNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # (3T, pooled_dim) -> (3T, D)
+        return self.model.embed_pooled(pooled)
+
+
 # --------------------------------------------------------------------------------------------- training
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Run (or resume) a training run; returns ``{"best": ..., "history": [...], "out": path}``."""
@@ -205,14 +230,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         kw["input_size"] = cfg.input_size
     model = create(cfg.model, pretrained=cfg.pretrained, **kw).to(device)
     spec = model.spec
-    if cfg.freeze_units:
+    if cfg.freeze_units or cfg.freeze_backbone:
+        flag = "--freeze-backbone" if cfg.freeze_backbone else "--freeze-units"
         units = getattr(getattr(model, "backbone", None), "units", None)
         if units is None:
-            raise ValueError(f"{cfg.model} has no backbone units to freeze (--freeze-units)")
+            raise ValueError(f"{cfg.model} has no backbone units to freeze ({flag})")
         units = units()
-        if not 0 < cfg.freeze_units <= len(units):
-            raise ValueError(f"--freeze-units must be in 1..{len(units)} for {cfg.model}, got {cfg.freeze_units}")
-        model.freeze(list(dict.fromkeys([*model.frozen_modules(), *units[:cfg.freeze_units]])))
+        n = len(units) if cfg.freeze_backbone else cfg.freeze_units
+        if not 0 < n <= len(units):
+            raise ValueError(f"--freeze-units must be in 1..{len(units)} for {cfg.model}, got {n}")
+        model.freeze(list(dict.fromkeys([*model.frozen_modules(), *units[:n]])))
     params = list(model.trainable_parameters())
     if not params:
         raise ValueError(f"{cfg.model} has no trainable parameters (a zero-shot baseline): evaluate it instead")
@@ -239,7 +266,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     for msg in cache.bad:
         if main:
             print(f"skipped unreadable image: {msg}", file=sys.stderr)
-    train_set = TripletDataset(cache, train_rows, PaperAugment() if cfg.augment else None, seed=cfg.seed)
+    pooled = None  # Tensor[len(cache), pooled_dim] when only the head trains on unaugmented images
+    if cfg.pool_once and not cfg.augment and _pools_once(model):
+        if main:
+            print(f"only the head trains and images are not augmented: pooling the taps of {len(cache)} images "
+                  "once, then training on them", flush=True)
+        pooled = torch.from_numpy(embed_images(model, cache.images, batch_size=64, device=device,
+                                               forward=model.pool, progress=cfg.progress and main,
+                                               desc="pooling taps"))
+    train_set = TripletDataset(cache, train_rows, PaperAugment() if cfg.augment else None, seed=cfg.seed,
+                               table=pooled)
     val_index = None
     if val_rows:
         usable = [i for i, t in enumerate(val_rows) if all(p in cache for p in t)]
@@ -255,19 +291,25 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         raise ValueError(f"{len(train_set)} training triplets make no full batch of {cfg.batch_size} "
                          f"per process ({world} process(es)); lower --batch-size")
 
-    net: torch.nn.Module = model
+    net: torch.nn.Module = model if pooled is None else _PooledHead(model)
     if distributed:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            net, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp = cfg.amp and device.type == "cuda"
 
     def validate() -> dict[str, float]:
         if val_index is None:
             return {}
         emb = torch.zeros((len(cache), model.embedding_dim))
-        emb[val_images_rows] = torch.from_numpy(embed_images(model, cache.images[val_images_rows],
-                                                             batch_size=max(64, cfg.batch_size * 3),
-                                                             device=device))
+        if pooled is None:
+            emb[val_images_rows] = torch.from_numpy(embed_images(model, cache.images[val_images_rows],
+                                                                 batch_size=max(64, cfg.batch_size * 3),
+                                                                 device=device))
+        else:
+            model.eval()
+            with torch.no_grad():
+                emb[val_images_rows] = model.embed_pooled(pooled[val_images_rows].to(device)).float().cpu()
+            model.train()
         return triplet_metrics(emb, val_index, cfg.loss, cfg.margin, val_kinds)
 
     # -- state: fresh or resumed
@@ -322,7 +364,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 stopped = True
                 break
-            x = normalize(stack_triplets(batch).to(device, non_blocking=True), spec)  # (3T, 3, S, S)
+            x = stack_triplets(batch).to(device, non_blocking=True)  # (3T, 3, S, S) images or (3T, F) pooled
+            if pooled is None:
+                x = normalize(x, spec)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 emb = net(x)  # (3T, D): one forward for the whole triplet batch
             q, p, n = split_triplets(emb.float())
@@ -409,6 +453,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--freeze-units", type=int,
                    help="freeze the first N backbone units (more than the model's own freezing; faster on a CPU)")
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="freeze the whole backbone: only the dense head trains (with --no-augment, each image's "
+                        "taps are pooled once and training runs on them, minutes instead of hours on a CPU)")
+    p.add_argument("--no-pool-once", action="store_true",
+                   help="run the frozen backbone on every step even when only the head trains (for comparison)")
     p.add_argument("--freeze-bn", action="store_true",
                    help="keep BatchNorm layers on their pretrained statistics (small triplet batches)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
@@ -425,7 +474,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         augment=not args.no_augment, max_train_triplets=args.max_train_triplets,
         max_val_triplets=args.max_val_triplets, max_steps=args.max_steps, select=args.select, device=args.device,
         amp=not args.no_amp, cache=args.cache, threads=args.threads, progress=not args.no_progress,
-        freeze_units=args.freeze_units, freeze_bn=args.freeze_bn,
+        freeze_units=args.freeze_units, freeze_backbone=args.freeze_backbone, pool_once=not args.no_pool_once,
+        freeze_bn=args.freeze_bn,
         model_kwargs={"tap_norm": True} if args.tap_norm else {})
 
 

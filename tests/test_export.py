@@ -89,6 +89,15 @@ def test_configs_parse_and_follow_the_spec(tmp_path, small_model, kind, instance
     assert configs["similar"].input[2].optional
 
 
+def test_max_queue_size_zero_drops_the_queue_policy(small_model, tmp_path):
+    export_model(small_model, tmp_path, ServingConfig(max_queue_size=0), pipeline=False)
+    emb = parse_config(tmp_path / "mildnet" / "config.pbtxt")
+    assert emb.HasField("dynamic_batching") and not emb.dynamic_batching.HasField("default_queue_policy")
+    assert emb.dynamic_batching.max_queue_delay_microseconds == 2000
+    with pytest.raises(ValueError, match="max-queue-size"):
+        ServingConfig(max_queue_size=-1)
+
+
 def test_committed_repository_configs_parse():
     for m in ROOT_MODELS:
         assert parse_config(TEMPLATE_REPOSITORY / m / "config.pbtxt").name == m

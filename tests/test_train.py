@@ -99,8 +99,41 @@ def test_resume_after_interruption_gives_identical_weights(grocery_slice, tmp_pa
         train(TrainConfig(out=str(tmp_path / "cut"), **{**base, "seed": 4}), resume=True)
 
 
+@pytest.mark.parametrize("tap_norm", [False, True])
+def test_pooling_once_trains_like_the_full_forward(grocery_slice, tmp_path, tap_norm, capsys):
+    """Head-only, unaugmented training on taps pooled once equals running the frozen backbone every step."""
+    base = dict(train=str(grocery_slice / "triplets" / "train.csv"), val=str(grocery_slice / "triplets" / "val.csv"),
+                model="mildnet_mobile", input_size=48, epochs=2, batch_size=4, max_train_triplets=16,
+                max_val_triplets=12, augment=False, freeze_backbone=True, seed=5, progress=False,
+                optimizer="adamw", lr=1e-3, cache=str(tmp_path / "cache.pt"),
+                model_kwargs={"tap_norm": True} if tap_norm else {})
+    full = train(TrainConfig(out=str(tmp_path / "full"), pool_once=False, **base))
+    assert "pooling the taps" not in capsys.readouterr().out
+    once = train(TrainConfig(out=str(tmp_path / "once"), **base))
+    assert "pooling the taps of" in capsys.readouterr().out
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "once" / "last.pt", weights_only=True)["model"]
+    torch.manual_seed(5)  # train() builds the model right after seeding: these are its starting weights
+    start = create("mildnet_mobile", **base["model_kwargs"]).state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+        assert torch.equal(a[k], start[k]) != k.startswith("head."), k  # only the head trained
+    for h_full, h_once in zip(full["history"], once["history"], strict=True):
+        assert h_once["val_loss"] == pytest.approx(h_full["val_loss"], abs=1e-4)
+        assert h_once["train_loss"] == pytest.approx(h_full["train_loss"], abs=1e-4, nan_ok=True)
+
+
+def test_pool_once_is_not_used_when_the_backbone_trains_or_images_are_augmented(grocery_slice, tmp_path, capsys):
+    base = dict(train=str(grocery_slice / "triplets" / "train.csv"), model="mildnet_mobile_noskip", input_size=32,
+                epochs=1, batch_size=4, max_train_triplets=4, progress=False, cache=str(tmp_path / "cache.pt"))
+    train(TrainConfig(out=str(tmp_path / "a"), augment=False, freeze_units=8, **base))  # top of backbone trains
+    train(TrainConfig(out=str(tmp_path / "b"), augment=True, freeze_backbone=True, **base))
+    assert "pooling the taps" not in capsys.readouterr().out
+
+
 @pytest.mark.slow
-def test_torchrun_ddp_two_processes_gloo(grocery_slice, tmp_path):
+@pytest.mark.parametrize("head_only", [False, True], ids=["backbone", "head_only_pooled"])
+def test_torchrun_ddp_two_processes_gloo(grocery_slice, tmp_path, head_only):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -108,8 +141,10 @@ def test_torchrun_ddp_two_processes_gloo(grocery_slice, tmp_path):
            "--val", str(grocery_slice / "triplets" / "val.csv"), "--out", str(out), "--model", "mildnet_mobile_noskip",
            "--input-size", "32", "--epochs", "1", "--batch-size", "4", "--max-train-triplets", "16",
            "--max-val-triplets", "8", "--no-progress", "--device", "cpu"]
+    cmd += ["--freeze-backbone", "--no-augment"] if head_only else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("pooling the taps" in proc.stdout) == head_only
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert history[-1]["epoch"] == 1 and history[-1]["step"] == 2  # 16 triplets / (2 processes x 4)
     assert (out / "best.pt").is_file()

@@ -57,7 +57,8 @@ class ImageCache:
         return [self.index[Path(p)] for p in paths]
 
     @staticmethod
-    def _spec_key(spec: PreprocessSpec) -> str:
+    def spec_key(spec: PreprocessSpec) -> str:
+        """What a cached image depends on: the spec's geometry (models with equal keys can share one cache)."""
         return json.dumps(_pixels_spec(spec).to_dict(), sort_keys=True)
 
     @staticmethod
@@ -84,7 +85,7 @@ class ImageCache:
                 blob = torch.load(cache_path, map_location="cpu", weights_only=True)
             except Exception:  # a damaged cache is rebuilt, never trusted
                 blob = None
-        if blob and blob.get("spec") == cls._spec_key(spec):
+        if blob and blob.get("spec") == cls.spec_key(spec):
             stored = {p: (st, blob["images"][i]) for i, (p, st) in enumerate(zip(blob["paths"], blob["stamps"]))}
             stored_bad = dict(blob.get("bad", {}))
         s = spec.input_size
@@ -118,7 +119,7 @@ class ImageCache:
             for i, p in enumerate(good):
                 merged[str(p)] = (cls._stamp(p), cache.images[i])
             keys = list(merged)
-            atomic_torch_save({"spec": cls._spec_key(spec), "paths": keys, "stamps": [merged[k][0] for k in keys],
+            atomic_torch_save({"spec": cls.spec_key(spec), "paths": keys, "stamps": [merged[k][0] for k in keys],
                                "images": torch.stack([merged[k][1] for k in keys]) if keys
                                else torch.empty((0, 3, s, s), dtype=torch.uint8),
                                "bad": {**stored_bad, **new_bad}}, cache_path)
@@ -132,7 +133,8 @@ def _seed(*parts: int) -> int:
 
 
 class TripletDataset(Dataset):
-    """Triplets of cached images: item ``i`` is ``uint8 Tensor[3, 3, S, S]`` (query, positive, negative).
+    """Triplets of cached images: item ``i`` is ``uint8 Tensor[3, 3, S, S]`` (query, positive, negative), or
+    ``Tensor[3, F]`` rows of ``table`` (features of the cache's images, e.g. pooled taps; not augmented).
 
     With ``augment``, each image gets its own random draw from a generator seeded by (seed, epoch, i): the
     result depends on nothing else (not on worker count, process, or what ran before), which makes an
@@ -140,8 +142,11 @@ class TripletDataset(Dataset):
     """
 
     def __init__(self, cache: ImageCache, triplets: Sequence[tuple[os.PathLike, os.PathLike, os.PathLike]],
-                 augment: PaperAugment | None = None, seed: int = 0):
+                 augment: PaperAugment | None = None, seed: int = 0, table: torch.Tensor | None = None):
         self.cache, self.augment, self.seed, self.epoch = cache, augment, seed, 0
+        self.table = cache.images if table is None else table  # or per-image features aligned with the cache
+        if table is not None and augment is not None:
+            raise ValueError("a feature table cannot be augmented: augmentations act on images")
         rows = []
         self.skipped = 0
         for t in triplets:
@@ -160,7 +165,7 @@ class TripletDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        imgs = self.cache.images[self.rows[i]]  # (3, 3, S, S) uint8
+        imgs = self.table[self.rows[i]]  # (3, 3, S, S) uint8, or (3, F) rows of a feature table
         if self.augment is None:
             return imgs
         g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, i))
@@ -174,17 +179,22 @@ def stack_triplets(batch: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_images(model: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 64,
-                 device: str | torch.device = "cpu", progress: bool = False) -> np.ndarray:
-    """``uint8 Tensor[N, 3, S, S]`` -> ``float32 ndarray[N, D]`` with ``model`` in eval mode."""
+                 device: str | torch.device = "cpu", progress: bool = False, forward=None,
+                 desc: str = "embedding") -> np.ndarray:
+    """``uint8 Tensor[N, 3, S, S]`` -> ``float32 ndarray[N, D]`` with ``model`` in eval mode.
+
+    ``forward`` (default ``model``) is applied to each normalised batch: ``model.pool`` gives the pooled taps.
+    """
     from tqdm import tqdm
 
+    forward = forward or model
     was_training = model.training
     model.eval()
     out = []
     try:
-        for start in tqdm(range(0, len(images), batch_size), desc="embedding", disable=not progress, leave=False):
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
             x = normalize(images[start:start + batch_size].to(device), model.spec)
-            out.append(model(x).float().cpu())
+            out.append(forward(x).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, model.embedding_dim), np.float32)

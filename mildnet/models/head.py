@@ -144,9 +144,16 @@ class MILDNet(ZooModel):
         """The tapped maps ``[Tensor[N, C_k, H_k, W_k]]`` for an input batch (for inspection/tests)."""
         return self.backbone.forward_taps(self.check_input(x), self.taps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``Tensor[N, 3, S, S]`` (preprocessed with ``self.spec``) -> unit ``Tensor[N, embedding_dim]``."""
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``Tensor[N, 3, S, S]`` -> the pooled, concatenated taps ``Tensor[N, pooled_dim]`` (the head's input)."""
         # tap_norm: each pooled tap gets unit length, so a shallow tap's large activations cannot drown the others
-        pooled = gap_concat(self.tap_maps(x), l2_normalize=self.tap_norm)  # (N, sum C_k)
+        return gap_concat(self.tap_maps(x), l2_normalize=self.tap_norm)  # (N, sum C_k)
+
+    def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``Tensor[N, pooled_dim]`` (from :meth:`pool`) -> unit ``Tensor[N, embedding_dim]``: head and L2."""
         z = self.head(pooled) if self.head is not None else pooled  # (N, D)
         return F.normalize(z, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``Tensor[N, 3, S, S]`` (preprocessed with ``self.spec``) -> unit ``Tensor[N, embedding_dim]``."""
+        return self.embed_pooled(self.pool(x))
