@@ -81,7 +81,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_accuracy"), help="run folders and caches")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "accuracy.json"))
     ap.add_argument("--models", default=",".join(ALL_TRAINED), help="trained models, comma-separated")
-    ap.add_argument("--zero-shot", default="mobilenet_v1_gap", help="zero-shot baselines, comma-separated ('' for none)")
+    ap.add_argument("--zero-shot", default="mobilenet_v1_gap",
+                    help="zero-shot baselines, comma-separated ('' for none)")
     ap.add_argument("--input-size", type=int, default=96)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--train-triplets", type=int, default=800, help="random subset of train triplets (0: all)")

@@ -133,8 +133,8 @@ def render_accuracy() -> str:
     for r in study["rows"]:
         trained = r["kind"] == "trained"
         rows.append([f"`{r['model']}`", r["kind"], f"{100 * r['val_triplet_accuracy']:.2f} %",
-                     f"{100 * r['val_triplet_accuracy_epochs_min']:.1f}-{100 * r['val_triplet_accuracy_epochs_max']:.1f} %"
-                     if trained else "-", r.get("best_epoch") or "-", *_retrieval_cells(r),
+                     f"{100 * r['val_triplet_accuracy_epochs_min']:.1f}-"
+                     f"{100 * r['val_triplet_accuracy_epochs_max']:.1f} %" if trained else "-", r.get("best_epoch") or "-", *_retrieval_cells(r),
                      f"{r['train_seconds']:.0f}" if trained else "-"])
     trained = [r for r in study["rows"] if r["kind"] == "trained"]
     best = max(trained, key=lambda r: r["val_triplet_accuracy"])

@@ -179,10 +179,9 @@ def _pools_once(model: torch.nn.Module) -> bool:
     """True when only a MILDNet's dense head trains: then each image's pooled taps never change (the frozen
     backbone, BatchNorms included, is deterministic), so they are computed once instead of every epoch; the
     head sees the same inputs and dropout draws, so training is the same, only many times faster."""
-    head = getattr(model, "head", None)
-    if not isinstance(model, MILDNet) or head is None:
+    if not isinstance(model, MILDNet) or model.head is None:
         return False
-    in_head = {id(p) for p in head.parameters()}
+    in_head = {id(p) for p in model.head.parameters()}
     return all(id(p) in in_head for p in model.trainable_parameters())
 
 
@@ -305,11 +304,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             emb[val_images_rows] = torch.from_numpy(embed_images(model, cache.images[val_images_rows],
                                                                  batch_size=max(64, cfg.batch_size * 3),
                                                                  device=device))
-        else:
+        else:  # eval mode (no dropout) as embed_images does, then back to the mode the model was in
+            was_training = model.training
             model.eval()
             with torch.no_grad():
                 emb[val_images_rows] = model.embed_pooled(pooled[val_images_rows].to(device)).float().cpu()
-            model.train()
+            model.train(was_training)
         return triplet_metrics(emb, val_index, cfg.loss, cfg.margin, val_kinds)
 
     # -- state: fresh or resumed
