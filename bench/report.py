@@ -95,87 +95,91 @@ def render_zoo() -> str:
     ])
 
 
-ACCURACY_STUDY = ("accuracy_224px.json",  # the headline study: the paper's input size, every training triplet
-                  "python bench/accuracy.py --input-size 224 --train-triplets 0 --epochs 8 --loss contrastive "
-                  "--lr 1e-4 --models mildnet_effnet_lite0,mildnet_mobile,mildnet_mobile_noskip,mildnet_mobile_skip1,"
-                  "mildnet_mobile_skip2,mildnet_mobile_skip3 --zero-shot mobilenet_v1_gap,effnet_lite0_gap "
-                  "--work runs/bench_accuracy_224 --out bench/results/accuracy_224px.json")
-ACCURACY_FILES = {  # earlier, shorter runs at 96 px: file -> command that writes it
-    "accuracy.json": "python bench/accuracy.py",
-    "accuracy_20epochs.json": "python bench/accuracy.py --epochs 20 --models mildnet_mobile,mildnet_mobile_noskip "
-                              "--zero-shot '' --out bench/results/accuracy_20epochs.json",
-    "accuracy_20epochs_ablations.json": "python bench/accuracy.py --epochs 20 --models "
-                                        "mildnet_mobile_skip3,mildnet_mobile_skip1,mildnet_mobile_skip2 "
-                                        "--zero-shot '' --out bench/results/accuracy_20epochs_ablations.json",
-    "accuracy_20epochs_tapnorm.json": "python bench/accuracy.py --epochs 20 --models mildnet_mobile --zero-shot '' "
-                                      "--tap-norm --work runs/bench_accuracy_tapnorm "
-                                      "--out bench/results/accuracy_20epochs_tapnorm.json",
-    "accuracy_10epochs_finetune.json": "python bench/accuracy.py --epochs 10 --models mildnet_mobile --zero-shot '' "
-                                       "--freeze-units 0 --lr 1e-4 --work runs/bench_accuracy_finetune "
-                                       "--out bench/results/accuracy_10epochs_finetune.json",
-    "accuracy_3epochs_all_triplets.json": "python bench/accuracy.py --epochs 3 --train-triplets 0 --models "
-                                          "mildnet_mobile --zero-shot '' --work runs/bench_accuracy_all "
-                                          "--out bench/results/accuracy_3epochs_all_triplets.json",
-}
+ACCURACY = ("accuracy.json", "python bench/accuracy.py")
+SPLIT_TITLES = (("unseen_products", "test_unseen", "Unseen products"), ("unseen_kind", "test_unseen", "Unseen kind"),
+                ("unseen_products", "test_seen", "Seen products"))
+ACC_COLUMNS = (("photo_to_photo_recall@1", "photo->photo R@1"), ("photo_to_photo_mAP", "photo->photo mAP"),
+               ("photo_to_catalogue_recall@1", "photo->catalogue R@1"), ("photo_to_catalogue_recall@5", "R@5"),
+               ("triplet_accuracy_in_class", "triplets in-class"), ("triplet_accuracy_out_class", "out-of-class"))
+MODEL_LABELS = {"ours": "trained, default recipe", "paper": "trained, paper's triplet recipe"}
 
 
-def _retrieval_cells(r: dict) -> list[str]:
-    return [pct(r["val_triplet_accuracy_in_class"]), pct(r["val_triplet_accuracy_out_class"]),
-            pct(r["photo_to_catalogue_recall@1"]), pct(r["photo_to_catalogue_recall@5"]),
-            f"{r['photo_to_catalogue_mAP']:.3f}"]
+def _ci(m: dict) -> str:
+    return f"{100 * m['value']:.1f} ({100 * m['lo']:.1f}-{100 * m['hi']:.1f})"
+
+
+def _split_sentence(scheme: str, e: dict) -> str:
+    sp = e["split"]
+    held = ("every packaged product" if scheme == "unseen_kind" else "a third of the products, stratified by category")
+    return (f"{held} held out ({sp['products']['test']} products, {sp['photos']['test_unseen']} photos); trained on "
+            f"{sp['photos']['fit']} photos and {sp['fit_catalogue_images']} catalogue images of "
+            f"{sp['products']['fit']} products; epoch chosen on {sp['photos']['dev_unseen']} photos of "
+            f"{sp['products']['dev']} more held-out products and {sp['photos']['dev_seen']} held-out photos of "
+            f"training products")
 
 
 def render_accuracy() -> str:
-    name, command = ACCURACY_STUDY
-    study = load(name)
-    paper, st = study["paper_target"], study["settings"]
-    rows = []
-    for r in study["rows"]:
-        trained = r["kind"] == "trained"
-        rows.append([f"`{r['model']}`", r["kind"], f"{100 * r['val_triplet_accuracy']:.2f} %",
-                     f"{100 * r['val_triplet_accuracy_epochs_min']:.1f}-"
-                     f"{100 * r['val_triplet_accuracy_epochs_max']:.1f} %" if trained else "-", r.get("best_epoch") or "-", *_retrieval_cells(r),
-                     f"{r['train_seconds']:.0f}" if trained else "-"])
-    trained = [r for r in study["rows"] if r["kind"] == "trained"]
-    best = max(trained, key=lambda r: r["val_triplet_accuracy"])
-    headline = [
-        table(["model", "kind", "triplet acc.", "epochs 1-" + str(st["epochs"]), "kept epoch", "in-class",
-               "out-of-class", "photo->catalogue R@1", "R@5", "mAP", "train s"], rows, "llrrrrrrrrr"),
-        "",
-        f"Grocery Store, trained on the train split ({st['triplets']['train']['triplets']:,} triplets an epoch, "
-        f"{st['epochs']} epochs), measured on {st['triplets']['val']['triplets']:,} val triplets (half of them "
-        f"in-class); input {st['input_size']} px, ImageNet backbone frozen (only the head trains, so each image's "
-        f"taps are pooled once), {st['loss']} loss, {st['optimizer']} lr {st['lr']:g}, batch {st['batch_size']} "
-        f"triplets, no augmentation. The checkpoint kept is the one with the lowest val loss (the paper's rule); "
-        f"\"epochs\" gives the range of val accuracy over every epoch's weights. Best: `{best['model']}` at "
-        f"{100 * best['val_triplet_accuracy']:.2f} % against the paper's {100 * paper:.2f} % on street2shop tops "
-        f"(target {verdict(best['val_triplet_accuracy'] >= paper)}). Models of ours, not the paper's: "
-        + ", ".join(f"`{r['model']}`" for r in trained if not r["paper_model"]) + ".",
-        "",
-        source([name], command),
-    ]
-    rows = []
-    for name in ACCURACY_FILES:
-        data = load(name)
-        for r in data["rows"]:
-            epochs = "-" if r["kind"] == "zero-shot" else data["settings"]["epochs"]
-            kind = r["kind"] + (", taps L2-normalised" if data["settings"].get("tap_norm") else "") + (
-                f", backbone fine-tuned (lr {data['settings']['lr']:g})"
-                if r["kind"] != "zero-shot" and data["settings"].get("freeze_units") == 0 else "")
-            per_epoch = data["settings"]["train_triplets"] or data["settings"]["triplets"]["train"]["triplets"]
-            rows.append([f"`{r['model']}`", kind, epochs, "-" if r["kind"] == "zero-shot" else f"{per_epoch:,}",
-                         pct(r["val_triplet_accuracy"]), *_retrieval_cells(r)])
-    settings = load("accuracy.json")["settings"]
-    return "\n".join(headline + [
-        "",
-        f"Earlier, shorter runs at {settings['input_size']} px ({settings['optimizer']}, hinge loss, backbone frozen "
-        "unless the row says otherwise):",
-        "",
-        table(["model", "kind", "epochs", "triplets/epoch", "triplet acc.", "in-class", "out-of-class",
-               "photo->catalogue R@1", "R@5", "mAP"], rows, "llrrrrrrrr"),
-        "",
-        "\n".join(source([name], cmd) for name, cmd in ACCURACY_FILES.items()),
-    ])
+    name, command = ACCURACY
+    res = load(name)
+    st, zs = res["settings"], res["settings"]["zero_shot"]
+    out = []
+    for scheme, role, title in SPLIT_TITLES:
+        if scheme not in res["schemes"]:
+            continue
+        e = res["schemes"][scheme]
+        rows = []
+        for model, m in e["models"].items():
+            if role not in m.get("splits", {}):
+                continue
+            sp = m["splits"][role]
+            label = f"`{zs}`, zero-shot" if m["kind"] == "zero-shot" else MODEL_LABELS.get(model, model)
+            rows.append([label, *[_ci(sp["metrics"][k]) for k, _ in ACC_COLUMNS],
+                         f"{sp['spread']['same_class_mean_cosine']:.2f} / {sp['spread']['other_class_mean_cosine']:.2f}",
+                         f"{sp['spread']['catalogue_mean_cosine']:.2f}"])
+        q = e["models"][zs]["splits"][role]["queries"]
+        out += [f"**{title}** ({q['photos']} query photos of {q['products']} products; "
+                + (_split_sentence(scheme, e) if role == "test_unseen" else
+                   "val photos of the training products, never trained on") + "):", "",
+                table(["model", *[c for _, c in ACC_COLUMNS], "cosine same / other", "catalogue cosine"], rows,
+                      "l" + "r" * (len(ACC_COLUMNS) + 2)), ""]
+    r = st["recipe"]
+    chosen = st.get("chosen", {})
+    out += [f"Percent, with 95 % bootstrap intervals over query photos ({st['bootstrap']} resamples); every row "
+            f"on the same queries, searching the whole {res['schemes']['unseen_products']['split']['catalogue_images']}"
+            f"-image catalogue. Input {st['input_size']} px, backbone `{st['model']}` frozen, its taps pooled once. "
+            f"Default recipe: {r['loss'].replace('_', '-')} loss on batches of {r['P']} products x {r['K']} images "
+            f"(each slot but a product's first is its catalogue image with chance {r['catalogue_share']:g}; "
+            f"{r['catalogue_views']} augmented copies of each catalogue image), head "
+            f"{'with' if r['final_relu'] else 'without'} its final ReLU, AdamW lr {r['lr']:g}, weight decay "
+            f"{r['weight_decay']:g}, {r['epochs']} epochs, the best dev epoch kept"
+            + (f" (settings: candidate `{chosen['candidate']}` of the study below)" if chosen else "")
+            + f". Selection: {st['selection']}. Paper's recipe: 8 triplets per photo (half of the non-hard "
+            "negatives in-class), contrastive loss, AdamW lr 1e-4, 8 epochs, the lowest dev loss kept.", ""]
+    t = res.get("targets", {})
+    if t:
+        out += ["Targets: " + "; ".join(f"{k.replace('_', ' ')} {verdict(v['met'])} ("
+                                        + ", ".join(f"{kk.replace('_', ' ')} {vv:.3g}" for kk, vv in v.items()
+                                                    if kk != "met") + ")" for k, v in t.items()) + ".", ""]
+    if res.get("study"):
+        zsd = res["study_zero_shot_dev"]
+        srows = [[f"`{zs}`, zero-shot", "-", "-", "-",
+                  *[_ci(zsd[role][k]) for role, k in STUDY_COLUMNS], "-"]]
+        for cand, m in res["study"].items():
+            change = ", ".join(f"{k} {v}" for k, v in m["change"].items()) or "the default"
+            srows.append([f"`{cand}`" + (" (chosen)" if cand == chosen.get("candidate") else ""), change,
+                          m["best_epoch"], f"{m['dev_selection_score']:.3f}",
+                          *[_ci(m["dev"][role][k]) for role, k in STUDY_COLUMNS], f"{m['seconds']:.0f}"])
+        out += ["How the settings were chosen, on the dev split of the unseen-products scheme only (each candidate "
+                "changes the default in one way; dev score = mean of the three dev figures):", "",
+                table(["candidate", "change", "kept epoch", "dev score", "dev unseen photo->photo mAP",
+                       "dev unseen photo->catalogue R@5", "dev seen photo->catalogue R@1", "train s"], srows,
+                      "llrrrrrr"), ""]
+    out.append(source([name], command))
+    return "\n".join(out)
+
+
+STUDY_COLUMNS = (("dev_unseen", "photo_to_photo_mAP"), ("dev_unseen", "photo_to_catalogue_recall@5"),
+                 ("dev_seen", "photo_to_catalogue_recall@1"))
 
 
 def render_serving() -> str:

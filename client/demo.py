@@ -6,13 +6,13 @@
 
 Stages: data (the Grocery Store dataset from ../shared/data/grocery, else a git clone of its public
 repository, else Debian's Fashion-MNIST) -> pretrained backbone (``mildnet weights fetch``) -> ``mildnet
-triplets`` -> ``mildnet train`` (frozen backbone: each image's taps pooled once, then seconds an epoch) ->
+train --catalogue`` (the default recipe: frozen backbone, each image's taps pooled once, seconds an epoch) ->
 ``mildnet export`` -> Triton on 127.0.0.1 -> ``client/index.py`` over the catalogue images ->
 ``client/query.py`` on held-out photos -> WORK/results.html + WORK/summary.json -> a short headless locust
 run -> a printed summary.
 
-Safe to rerun: the triplets and the training run live under WORK in folders named after their settings, so
-a second run reuses them (or resumes an interrupted training); the export and the index are reused while they
+Safe to rerun: the training run lives under WORK in a folder named after its settings, so a second run
+reuses it; the export and the index are reused while they
 match the checkpoint and the catalogue (an interrupted indexing run resumes from its journal). Queries, the
 load test and the reports run again. The server is always stopped, on errors and Ctrl-C too.
 
@@ -51,6 +51,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from mildnet.data.catalogue import (CatalogueItem, fashion_mnist_catalogue, grocery_catalogue, index_entries,  # noqa: E402
                                     write_catalogue)
 from mildnet.fileio import atomic_write_text, sha256_file  # noqa: E402
+from mildnet.metric_train import MetricConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = Path(__file__).resolve().parent
@@ -237,38 +238,18 @@ class Stages:
 
 
 # ---- stages ------------------------------------------------------------------------------------------------------
-def make_triplets(data: DemoData, work: Path, data_key: str) -> Path:
-    out = work / "triplets" / data_key
-    if (out / "summary.json").is_file():
-        print(f"reusing {out}")
-        return out
+def train_model(args, data: DemoData, work: Path, data_key: str) -> Path:
+    """``mildnet train --catalogue`` (the default recipe) into a run folder named after the data and the flags;
+    reused once finished. The val photos the demo queries with are never trained on: the recipe trains on the
+    train split's photos only, and chooses its epoch on products and photos it holds out of that."""
     catalogue = write_catalogue(data.items, work / "data" / data_key / "catalogue.jsonl", root=data.root)
-    run_cmd(mildnet_cmd("triplets", catalogue, "--root", data.root, "--out", out))
-    return out
-
-
-def train_model(args, triplets: Path, work: Path, data_key: str) -> Path:
-    """``mildnet train`` into a run folder named after the data and the flags: reused once finished,
-    resumed (``--resume``) when an earlier run stopped part way."""
-    # Why these settings: the recipe of bench/accuracy.py's 224 px study (README, accuracy). With the ImageNet
-    # backbone frozen and no augmentation only the dense head learns, so `mildnet train` pools each image's taps
-    # once and an epoch over every triplet takes seconds; contrastive loss and AdamW at 1e-4 train the head
-    # steadily, and the val loss is lowest after about two epochs.
-    flags = ["--model", args.model, "--pretrained", "--input-size", args.input_size, "--epochs", args.epochs,
-             "--batch-size", 16, "--loss", "contrastive", "--optimizer", "adamw", "--lr", 1e-4,
-             "--freeze-backbone", "--no-augment", "--seed", 0]
-    if args.train_triplets:
-        flags += ["--max-train-triplets", args.train_triplets]
-    out = work / "train" / settings_key(data=data_key, flags=flags)
+    flags = ["--model", args.model, "--input-size", args.input_size, "--epochs", args.epochs, "--seed", 0]
+    out = work / "train" / settings_key(data=data_key, flags=flags, recipe="catalogue")
     best, metrics = out / "best.pt", out / "metrics.json"
     if best.is_file() and metrics.is_file():
-        history = json.loads(metrics.read_text()).get("history", [])
-        if history and history[-1].get("epoch") == args.epochs:
-            print(f"reusing the checkpoint {best} ({args.epochs} epochs done)")
-            return best
-    resume = ["--resume"] if (out / "last.pt").is_file() else []
-    run_cmd(mildnet_cmd("train", "--train", triplets / "train.csv", "--val", triplets / "val.csv", "--out", out,
-                        *flags, *resume))
+        print(f"reusing the checkpoint {best}")
+        return best
+    run_cmd(mildnet_cmd("train", "--catalogue", catalogue, "--root", data.root, "--out", out, *flags))
     return best
 
 
@@ -536,10 +517,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "resort (default: %(default)s)")
     p.add_argument("--model", default="mildnet_effnet_lite0", choices=sorted(DEMO_MODELS),
                    help="model to train and serve (default: %(default)s, the most accurate in bench/accuracy.py)")
-    p.add_argument("--epochs", type=int, default=2, help="(default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=MetricConfig.epochs,
+                   help="(default: %(default)s, the default recipe's; its best dev epoch is kept)")
     p.add_argument("--input-size", type=int, default=224, help="model input size (default: %(default)s)")
-    p.add_argument("--train-triplets", type=int, default=0, help="random subset of the training triplets "
-                   "(default 0: all)")
     p.add_argument("--queries", type=int, default=24, help="held-out photos to query (default: %(default)s)")
     p.add_argument("--slice", type=int, metavar="CLASSES", help="keep only this many classes (a quick run)")
     p.add_argument("--locust-seconds", type=int, default=25, help="0 skips the load test (default: %(default)s)")
@@ -547,8 +527,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--record", action="store_true", help="also write bench/results/demo.json and "
                    "docs/img/demo_query.png, the README's figures (`make demo-record`)")
     args = p.parse_args(argv)
-    if min(args.epochs, args.input_size, args.queries) < 1 or args.train_triplets < 0 or args.locust_seconds < 0:
-        p.error("--epochs, --input-size and --queries must be >= 1, --train-triplets and --locust-seconds >= 0")
+    if min(args.epochs, args.input_size, args.queries) < 1 or args.locust_seconds < 0:
+        p.error("--epochs, --input-size and --queries must be >= 1, --locust-seconds >= 0")
     return args
 
 
@@ -558,7 +538,7 @@ def demo(args: argparse.Namespace) -> dict:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     repository = (args.repository or work / "model_repository").resolve()
-    stages = Stages(total=10 if args.locust_seconds else 9)
+    stages = Stages(total=9 if args.locust_seconds else 8)
     t0 = time.perf_counter()
 
     with stages("data", "data"):
@@ -569,10 +549,8 @@ def demo(args: argparse.Namespace) -> dict:
               f"{len(data.queries)} held-out query photos")
     with stages("weights", "pretrained backbone (offline, cached in ~/.cache/mildnet)"):
         run_cmd(mildnet_cmd("weights", "fetch", DEMO_MODELS[args.model]))
-    with stages("triplets", "triplets"):
-        triplets = make_triplets(data, work, data_key)
-    with stages("train", f"train {args.model} ({args.epochs} epochs, {args.input_size} px, frozen backbone)"):
-        checkpoint = train_model(args, triplets, work, data_key)
+    with stages("train", f"train {args.model} (default recipe, {args.epochs} epochs, {args.input_size} px)"):
+        checkpoint = train_model(args, data, work, data_key)
     with stages("export", f"export to {repository}"):
         model_version = export_model(checkpoint, repository)
 

@@ -26,7 +26,7 @@ import torch
 from .fileio import atomic_write_text
 
 __all__ = ["recall_at_k", "average_precision", "mean_average_precision", "rank", "retrieval_metrics",
-           "evaluate_catalogue", "write_results_page", "configure_parser", "run"]
+           "evaluate_catalogue", "evaluate_protocol", "write_results_page", "configure_parser", "run"]
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -202,6 +202,40 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--cache", help="decoded-image cache file to reuse")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--protocol", choices=("unseen_products", "unseen_kind"),
+                   help="with --catalogue: the metric-learning protocol (mildnet.data.splits): metrics on the "
+                        "held-out products' photos (and, for unseen_products, on the seen products' val photos), "
+                        "with 95%% bootstrap intervals over queries")
+    p.add_argument("--protocol-seed", type=int, default=0, help="seed of the protocol's product split")
+
+
+def evaluate_protocol(model: torch.nn.Module, items: Sequence, scheme: str, *, seed: int = 0, out: str | os.PathLike,
+                      batch_size: int = 64, device: str = "cpu", cache: str | None = None, progress: bool = True,
+                      label: str | None = None, n_boot: int = 1000) -> dict:
+    """The protocol's reported roles for one model: ``{role: {"metrics", "spread", "queries"}}`` in results.json.
+    Which products are held out is a function of (catalogue, scheme, seed): a model trained by
+    ``bench/accuracy.py`` with the same seed never saw them."""
+    from .data.datasets import embed_items
+    from .data.splits import protocol_split
+    from .metrics import split_report, summarise
+
+    split = protocol_split(items, scheme, seed=seed)
+    roles = ("test_unseen", "test_seen") if scheme == "unseen_products" else ("test_unseen",)
+    needed = sorted({i for r in roles for i in split.roles[r]} | set(split.catalogue))
+    emb = np.full((len(items), model.embedding_dim), np.nan, np.float32)
+    emb[needed] = embed_items(model, [items[i] for i in needed], batch_size=batch_size, device=device,
+                              cache_path=cache, progress=progress)
+    ok = np.isfinite(emb).all(1)
+    report = {"model": label or getattr(model, "variant", "?"), "protocol": scheme, "seed": seed,
+              "split": split.summary(items), "roles": {}}
+    for role in roles:
+        rep = split_report(emb, items, [i for i in split.roles[role] if ok[i]], [i for i in split.catalogue if ok[i]])
+        report["roles"][role] = {"metrics": summarise(rep, n_boot=n_boot), "spread": rep["spread"],
+                                 "queries": rep["queries"]}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(report, indent=2, default=float))
+    return report
 
 
 def evaluate(model: torch.nn.Module, *, catalogue=None, split: str | None = "val", triplets: str | None = None,
@@ -271,6 +305,20 @@ def run(args: argparse.Namespace) -> int:
         model = create(args.model, pretrained=args.pretrained, **kw).eval()
         label = args.model + (" (pretrained)" if args.pretrained else "")
     model.to(device)
+    if args.protocol:
+        from .data.catalogue import load_catalogue
+        if not args.catalogue:
+            raise ValueError("--protocol needs --catalogue (a catalogue with store photos and catalogue images)")
+        items = load_catalogue(args.catalogue, root=args.root, allow_outside_root=args.allow_outside_root)
+        rep = evaluate_protocol(model, items, args.protocol, seed=args.protocol_seed, out=args.out,
+                                batch_size=args.batch_size, device=device, cache=args.cache,
+                                progress=not args.no_progress, label=label)
+        for role, r in rep["roles"].items():
+            print(f"{role}: " + " ".join(f"{k}={v['value']:.4f} [{v['lo']:.3f}, {v['hi']:.3f}]"
+                                         for k, v in r["metrics"].items())
+                  + f" margin={r['spread']['margin']:.4f}")
+        print(f"wrote {Path(args.out) / 'results.json'}")
+        return 0
     rep = evaluate(model, catalogue=args.catalogue, split=args.split, triplets=args.triplets,
                    image_root=args.image_root, out=args.out, root=args.root,
                    allow_outside_root=args.allow_outside_root, page_queries=args.page_queries,

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 __all__ = ["distance", "split_triplets", "triplet_hinge", "batch_hinge", "contrastive", "LOSSES", "get_loss",
+           "multi_similarity", "NormSoftmax", "ProxyAnchor", "BATCH_LOSSES",
            "triplet_correct"]
 
 
@@ -61,3 +62,73 @@ def get_loss(name: str) -> Callable[..., torch.Tensor]:
 def triplet_correct(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """``Tensor[T]`` bool: the paper's triplet accuracy counts a triplet right when D(q,n) > D(q,p)."""
     return distance(q, n) > distance(q, p)
+
+
+# --------------------------------------------------------------------------------------------- batch losses
+# Metric-learning losses over a batch of P products x K images (:class:`mildnet.data.samplers.PKSampler`):
+# every other image of the batch is a positive (same label) or a negative, instead of one fixed negative per
+# triplet. They take unit ``emb: Tensor[B, D]`` and integer ``labels: Tensor[B]``.
+
+def multi_similarity(emb: torch.Tensor, labels: torch.Tensor, *, alpha: float = 2.0, beta: float = 50.0,
+                     base: float = 0.5, mining_margin: float = 0.1) -> torch.Tensor:
+    """Multi-similarity loss (Wang et al., CVPR 2019) on cosine similarities, with its pair mining: a negative
+    counts when it is more similar than the hardest positive minus ``mining_margin``, a positive when it is
+    less similar than the hardest negative plus it. Per anchor:
+    ``1/alpha log(1 + sum_p exp(-alpha (s_p - base))) + 1/beta log(1 + sum_n exp(beta (s_n - base)))``,
+    averaged over the anchors that have a positive."""
+    sim = emb @ emb.T  # (B, B)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(emb), dtype=torch.bool, device=emb.device)
+    pos_mask, neg_mask = same & ~eye, ~same
+    big = torch.finfo(sim.dtype).max
+    hardest_pos = torch.where(pos_mask, sim, torch.full_like(sim, big)).min(dim=1, keepdim=True).values
+    hardest_neg = torch.where(neg_mask, sim, torch.full_like(sim, -big)).max(dim=1, keepdim=True).values
+    pos_keep = pos_mask & (sim - mining_margin < hardest_neg)
+    neg_keep = neg_mask & (sim + mining_margin > hardest_pos)
+    zero = torch.zeros_like(sim)
+    pos_term = torch.log1p(torch.where(pos_keep, torch.exp(-alpha * (sim - base)), zero).sum(1)) / alpha
+    neg_term = torch.log1p(torch.where(neg_keep, torch.exp(beta * (sim - base)), zero).sum(1)) / beta
+    has_pos = pos_mask.any(dim=1)
+    if not has_pos.any():
+        raise ValueError("multi_similarity: no anchor of the batch has a positive (sample K >= 2 per product)")
+    return (pos_term + neg_term)[has_pos].mean()
+
+
+class NormSoftmax(torch.nn.Module):
+    """Normalised softmax (Zhai & Wu 2018): one learned unit proxy per training class, cross-entropy over the
+    cosines divided by a temperature. ``forward(emb[B, D], labels[B]) -> loss``; the proxies are trained with
+    the model and dropped afterwards (the embedding is what ships)."""
+
+    def __init__(self, num_classes: int, dim: int, temperature: float = 0.05):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.proxies = torch.nn.Parameter(torch.randn(num_classes, dim) / dim ** 0.5)
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = emb @ torch.nn.functional.normalize(self.proxies, dim=1).T / self.temperature  # (B, C)
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+
+class ProxyAnchor(torch.nn.Module):
+    """Proxy-anchor loss (Kim et al., CVPR 2020): each proxy pulls its class's embeddings of the batch and
+    pushes the others, ``1/|P+| sum_p log(1 + sum_{x in p} e^{-a(s-m)}) + 1/|P| sum_p log(1 + sum_{x not in p}
+    e^{a(s+m)})`` with P+ the proxies with a positive in the batch."""
+
+    def __init__(self, num_classes: int, dim: int, margin: float = 0.1, alpha: float = 32.0):
+        super().__init__()
+        self.margin, self.alpha = margin, alpha
+        self.proxies = torch.nn.Parameter(torch.randn(num_classes, dim) * (2.0 / dim) ** 0.5)
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        sim = emb @ torch.nn.functional.normalize(self.proxies, dim=1).T  # (B, C)
+        pos = torch.nn.functional.one_hot(labels, sim.shape[1]).bool()
+        zero = torch.zeros_like(sim)
+        pos_sum = torch.where(pos, torch.exp(-self.alpha * (sim - self.margin)), zero).sum(0)  # (C,)
+        neg_sum = torch.where(~pos, torch.exp(self.alpha * (sim + self.margin)), zero).sum(0)
+        with_pos = pos.any(0)
+        return torch.log1p(pos_sum[with_pos]).sum() / with_pos.sum() + torch.log1p(neg_sum).sum() / sim.shape[1]
+
+
+BATCH_LOSSES = ("multi_similarity", "norm_softmax", "proxy_anchor")

@@ -42,7 +42,7 @@ from .data.datasets import ImageCache, TripletDataset, _seed, embed_images, stac
 from .data.transforms import PaperAugment, normalize
 from .data.triplets import read_triplets
 from .fileio import atomic_open, atomic_write_text
-from .losses import distance, get_loss, split_triplets, triplet_correct
+from .losses import BATCH_LOSSES, LOSSES, distance, get_loss, split_triplets, triplet_correct
 from .models.head import MILDNet
 
 __all__ = ["TrainConfig", "train", "triplet_metrics", "configure_parser", "run"]
@@ -197,8 +197,11 @@ class _PooledHead(torch.nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- training
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Run (or resume) a training run; returns ``{"best": ..., "history": [...], "out": path}``."""
+def train(cfg: TrainConfig, *, resume: bool = False, features: dict[Path, torch.Tensor] | None = None) -> dict:
+    """Run (or resume) a training run; returns ``{"best": ..., "history": [...], "out": path}``.
+
+    ``features`` (image path -> pooled taps of this model's frozen backbone) stands in for the pooling pass
+    when the taps are pooled once (a benchmark that already pooled every image for another recipe)."""
     from tqdm import tqdm
 
     from .models import create
@@ -270,9 +273,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         if main:
             print(f"only the head trains and images are not augmented: pooling the taps of {len(cache)} images "
                   "once, then training on them", flush=True)
-        pooled = torch.from_numpy(embed_images(model, cache.images, batch_size=64, device=device,
-                                               forward=model.pool, progress=cfg.progress and main,
-                                               desc="pooling taps"))
+        pooled = (torch.stack([features[p] for p in cache.paths]) if features is not None else
+                  torch.from_numpy(embed_images(model, cache.images, batch_size=64, device=device,
+                                                forward=model.pool, progress=cfg.progress and main,
+                                                desc="pooling taps")))
     train_set = TripletDataset(cache, train_rows, PaperAugment() if cfg.augment else None, seed=cfg.seed,
                                table=pooled)
     val_index = None
@@ -421,23 +425,29 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
 # --------------------------------------------------------------------------------------------- CLI
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train", required=True, help="training triplets CSV (q,p,n; from `mildnet triplets`)")
+    from .metric_train import add_arguments
+
+    add_arguments(p)  # --catalogue: the default recipe (mildnet.metric_train)
+    p.add_argument("--train", help="the paper's recipe on a triplets CSV (q,p,n; from `mildnet triplets`)")
     p.add_argument("--val", help="validation triplets CSV (validated every epoch)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--model", default="mildnet_mobile", help="model zoo name (default mildnet_mobile)")
+    p.add_argument("--model", help="model zoo name (default mildnet_effnet_lite0 with --catalogue, "
+                                   "mildnet_mobile with --train)")
     p.add_argument("--pretrained", action="store_true", help="start from ImageNet backbone weights")
     p.add_argument("--input-size", type=int, help="override the model's input size (e.g. 128 on a CPU)")
     p.add_argument("--tap-norm", action="store_true",
                    help="L2-normalise each pooled tap before the concat (MobileNet/EfficientNet models)")
     p.add_argument("--image-root", help="folder the triplet paths are relative to (default: from summary.json)")
     p.add_argument("--allow-outside-root", action="store_true")
-    p.add_argument("--loss", default="hinge", choices=("hinge", "batch_hinge", "contrastive"))
+    p.add_argument("--loss", choices=(*LOSSES, *BATCH_LOSSES),
+                   help=f"--catalogue: one of {BATCH_LOSSES} (default multi_similarity); --train: one of "
+                        f"{tuple(LOSSES)} (default hinge)")
     p.add_argument("--margin", type=float, default=1.0)
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     p.add_argument("--lr", type=float, help="learning rate (default: 1e-3, 1e-4 for mildnet_512)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD Nesterov momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--weight-decay", type=float, help="default 1e-4 with --catalogue, 0 with --train")
+    p.add_argument("--epochs", type=int, help="default 30 with --catalogue, 20 with --train")
     p.add_argument("--batch-size", type=int, default=16, help="triplets per step per process (3x images)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, default=0)
@@ -467,10 +477,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         train=str(Path(args.train).resolve()), val=str(Path(args.val).resolve()) if args.val else None,
-        out=args.out, model=args.model, pretrained=args.pretrained, input_size=args.input_size,
-        image_root=args.image_root, allow_outside_root=args.allow_outside_root, loss=args.loss, margin=args.margin,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+        out=args.out, model=args.model or "mildnet_mobile", pretrained=args.pretrained, input_size=args.input_size,
+        image_root=args.image_root, allow_outside_root=args.allow_outside_root, loss=args.loss or "hinge",
+        margin=args.margin,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay or 0.0,
+        epochs=args.epochs or 20, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
         augment=not args.no_augment, max_train_triplets=args.max_train_triplets,
         max_val_triplets=args.max_val_triplets, max_steps=args.max_steps, select=args.select, device=args.device,
         amp=not args.no_amp, cache=args.cache, threads=args.threads, progress=not args.no_progress,
@@ -480,6 +492,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if bool(args.catalogue) == bool(args.train):
+        raise ValueError("give --catalogue CATALOGUE (the default recipe) or --train TRIPLETS.csv (the paper's "
+                         "triplet recipe), not " + ("both" if args.catalogue else "neither"))
+    if args.catalogue:
+        from .metric_train import run_catalogue
+        return run_catalogue(args)
+    if args.loss is not None and args.loss not in LOSSES:
+        raise ValueError(f"--train (the triplet recipe) takes --loss {'/'.join(LOSSES)}, got {args.loss!r}")
     result = train(config_from_args(args), resume=args.resume)
     if _dist_info()[1] == 0:
         b = result["best"]

@@ -137,7 +137,7 @@ def test_fashion_mnist_gallery_comes_from_train_and_queries_from_val(tmp_path):
     assert all(i.split == "train" for i in data.gallery)
     assert len(data.queries) == 4 and all(q.split == "val" for q in data.queries)
     assert all(i.path.is_relative_to(data.root) for i in data.items)
-    # the catalogue the demo writes for `mildnet triplets` reads back
+    # the catalogue the demo writes for `mildnet train --catalogue` reads back
     written = write_catalogue(data.items, tmp_path / "catalogue.jsonl", root=data.root)
     assert len(load_catalogue(written, root=data.root)) == len(data.items)
 
@@ -160,7 +160,7 @@ def test_demo_end_to_end_on_a_slice(tmp_path, grocery_root):
     work, queries = tmp_path / "demo", 5
     cmd = [sys.executable, str(ROOT / "client" / "demo.py"), "--work", str(work), "--grocery", str(grocery_root),
            "--slice", "6", "--queries", str(queries), "--epochs", "1", "--input-size", "64",
-           "--train-triplets", "64", "--locust-seconds", "4", "--locust-users", "2"]
+           "--locust-seconds", "4", "--locust-users", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=540, cwd=ROOT)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "=== summary" in r.stdout and "stop Triton" in r.stdout

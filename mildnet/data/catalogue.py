@@ -336,8 +336,10 @@ def grocery_catalogue(root: str | os.PathLike, split: str | None = None, *,
                 raise CatalogueError(f"{where}: expected 6 fields, got {len(values)}")
             name, fine, coarse_name, coarse, iconic = (v.strip() for v in values[:5])
             try:
+                # the iconic image's path names the top-level kind: iconic-images-and-descriptions/<kind>/...
+                kind = Path(iconic.lstrip("/")).parts[1] if len(Path(iconic.lstrip("/")).parts) > 2 else coarse_name
                 classes[int(fine)] = {"name": name, "coarse_name": coarse_name, "coarse": int(coarse),
-                                      "iconic": iconic.lstrip("/")}
+                                      "iconic": iconic.lstrip("/"), "kind": kind}
             except ValueError:
                 raise CatalogueError(f"{where}: class ids must be integers, got {fine!r}, {coarse!r}") from None
 
@@ -364,13 +366,14 @@ def grocery_catalogue(root: str | os.PathLike, split: str | None = None, *,
             c = classes[fine]
             path = _resolve_path(parts[0], ds, False, where, True)
             items.append(CatalogueItem(path, c["name"], c["coarse_name"], "street", s,
-                                       {"fine_id": fine, "coarse_id": c["coarse"]}, line_no))
+                                       {"fine_id": fine, "coarse_id": c["coarse"], "kind": c["kind"]}, line_no))
     if include_iconic:
         for fine, c in sorted(classes.items()):
             where = f"{classes_csv}: class {c['name']}"
             path = _resolve_path(c["iconic"], ds, False, where, True)
             items.append(CatalogueItem(path, c["name"], c["coarse_name"], "shop", None,
-                                       {"fine_id": fine, "coarse_id": c["coarse"], "iconic": True}))
+                                       {"fine_id": fine, "coarse_id": c["coarse"], "kind": c["kind"],
+                                        "iconic": True}))
     return items
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..spec import PreprocessSpec
 
-__all__ = ["PaperAugment", "normalize"]
+__all__ = ["PaperAugment", "RetrievalAugment", "normalize"]
 
 
 class PaperAugment:
@@ -51,6 +51,35 @@ class PaperAugment:
         grid = F.affine_grid(mat, list(x.shape), align_corners=False)
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return out.squeeze(0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class RetrievalAugment:
+    """The default recipe's augmentation (metric learning's usual set): a random resized crop (``scale`` of the
+    area, aspect ratio in ``ratio``) back to the input size, a horizontal flip with p=0.5, and colour jitter
+    (brightness, contrast, saturation each by a factor in [1 - j, 1 + j]). Call with ``uint8 Tensor[3, S, S]``
+    and a ``torch.Generator``; returns ``uint8 Tensor[3, S, S]``; the draw depends on the generator only."""
+
+    def __init__(self, scale: tuple[float, float] = (0.35, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 jitter: float = 0.3):
+        self.scale, self.ratio, self.jitter = scale, ratio, jitter
+
+    def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        import torchvision.transforms.v2.functional as TF
+
+        _, h, w = img.shape
+        u = torch.rand(8, generator=generator, dtype=torch.float64).tolist()
+        area = h * w * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[0])
+        log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * u[1]
+        cw = min(w, max(1, round(math.sqrt(area * math.exp(log_r)))))
+        ch = min(h, max(1, round(math.sqrt(area / math.exp(log_r)))))
+        top, left = int(u[2] * (h - ch + 1)), int(u[3] * (w - cw + 1))
+        out = TF.resized_crop(img, top, left, ch, cw, [h, w], antialias=True)
+        if u[4] < 0.5:
+            out = TF.horizontal_flip(out)
+        j = self.jitter
+        out = TF.adjust_brightness(out, 1 - j + 2 * j * u[5])
+        out = TF.adjust_contrast(out, 1 - j + 2 * j * u[6])
+        return TF.adjust_saturation(out, 1 - j + 2 * j * u[7])
 
 
 def normalize(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:

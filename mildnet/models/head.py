@@ -20,14 +20,17 @@ class ModelInputError(ValueError):
 
 
 class DenseHead(nn.Sequential):
-    """``Tensor[N, in_dim]`` -> ``Tensor[N, dim]``: Dense+ReLU -> Dropout -> Dense+ReLU (not normalised).
+    """``Tensor[N, in_dim]`` -> ``Tensor[N, dim]``: Dense+ReLU -> Dropout -> Dense(+ReLU) (not normalised).
 
     The paper's head: 2048/0.6 (MILDNet-VGG), 512/no dropout (MILDNet-512), 1024/0.5 (MILDNet-Mobile).
+    ``final_relu=False`` drops the last ReLU: the embedding may then use every direction, not only the
+    positive orthant, which keeps products apart that the training products never separated (the default
+    recipe, see README). Both have the same parameters.
     """
 
-    def __init__(self, in_dim: int, dim: int, dropout: float):
-        super().__init__(nn.Linear(in_dim, dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                         nn.Linear(dim, dim), nn.ReLU(inplace=True))
+    def __init__(self, in_dim: int, dim: int, dropout: float, final_relu: bool = True):
+        layers = [nn.Linear(in_dim, dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(dim, dim)]
+        super().__init__(*layers, *([nn.ReLU(inplace=True)] if final_relu else []))
 
 
 class ZooModel(nn.Module):
@@ -125,7 +128,7 @@ class MILDNet(ZooModel):
 
     def __init__(self, backbone: nn.Module, taps: tuple[str, ...], head_dim: int | None, dropout: float, *,
                  variant: str, spec: PreprocessSpec, model_kwargs: dict[str, Any], frozen_units: int,
-                 tap_norm: bool = False):
+                 tap_norm: bool = False, final_relu: bool = True):
         super().__init__()
         unknown = [t for t in taps if t not in backbone.tap_channels]
         if unknown or not taps or taps[-1] != "last":
@@ -134,7 +137,7 @@ class MILDNet(ZooModel):
         self.backbone, self.taps, self.tap_norm = backbone, tuple(taps), tap_norm
         self.min_input_size = backbone.min_input_size
         self.pooled_dim = sum(backbone.tap_channels[t] for t in taps)
-        self.head = DenseHead(self.pooled_dim, head_dim, dropout) if head_dim else None
+        self.head = DenseHead(self.pooled_dim, head_dim, dropout, final_relu) if head_dim else None
         self.embedding_dim = head_dim or self.pooled_dim
         units = backbone.units()
         self.freeze(units[:frozen_units])  # requires_grad=False from the input up

@@ -1,0 +1,333 @@
+"""``mildnet train --catalogue``: the default recipe, metric learning that generalises to products training
+never saw (see README "Accuracy on real data" for what was tried and measured).
+
+The MILDNet structure stays (taps of several layers pooled and concatenated, the dense head, L2); what
+changes is how the head learns:
+
+* batches of P products x K images (:class:`mildnet.data.samplers.PKSampler`), every other image of the
+  batch a positive or a negative, photo-photo as well as photo-catalogue positives;
+* a metric-learning loss over the whole batch (multi-similarity by default; normalised softmax and
+  proxy-anchor as options) instead of one fixed negative per triplet;
+* model selection on a dev split carved from the catalogue itself (:func:`mildnet.data.splits.protocol_split`
+  with no test products): products training never reads (``dev_unseen``) and held-out photos of the products
+  it does read (``dev_seen``). The checkpoint kept is the epoch with the best :func:`selection_score`.
+
+The backbone is frozen, so each image's pooled taps are computed once, and ``catalogue_views`` augmented copies
+of each training catalogue image (one clean shot per product is all the catalogue side has to learn from); the
+head trains on them: minutes on a CPU. The run folder holds ``best.pt`` (a
+mildnet checkpoint), ``metrics.json`` and ``curves.png`` (dev metrics per epoch), and the decoded-image cache
+``images_<size>.pt`` (reused by a rerun on the same images).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import save_checkpoint
+from .data.catalogue import CatalogueItem
+from .data.datasets import ImageCache, embed_images
+from .data.samplers import PKSampler
+from .data.splits import ProtocolSplit
+from .data.transforms import RetrievalAugment, normalize
+from .fileio import atomic_write_text
+from .losses import BATCH_LOSSES, NormSoftmax, ProxyAnchor, multi_similarity
+from .metrics import split_report, summarise
+
+__all__ = ["MetricConfig", "selection_score", "pool_items", "train_metric", "SELECTION_METRICS"]
+
+# What a kept checkpoint is chosen on: retrieval of products never trained on, among photos and against the
+# catalogue, and catalogue retrieval of trained products from photos never trained on (all on dev photos).
+SELECTION_METRICS = (("dev_unseen", "photo_to_photo_mAP"), ("dev_unseen", "photo_to_catalogue_recall@5"),
+                     ("dev_seen", "photo_to_catalogue_recall@1"))
+
+
+@dataclass
+class MetricConfig:
+    """The recipe's settings (saved in ``metrics.json`` and the checkpoint)."""
+
+    out: str = "runs/mildnet"
+    model: str = "mildnet_effnet_lite0"
+    input_size: int | None = None
+    loss: str = "multi_similarity"
+    temperature: float = 0.05  # norm_softmax
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    epochs: int = 12
+    P: int = 16  # products per batch
+    K: int = 4  # images per product
+    catalogue_share: float = 0.5  # chance each of a product's K slots (but the first) is its catalogue image
+    dropout: float = 0.5
+    final_relu: bool = False  # see DenseHead: the paper's VGG head ends in a ReLU, its Mobile head does not
+    catalogue_views: int = 8  # augmented copies of each training catalogue image, pooled once (0: none)
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.loss not in BATCH_LOSSES:
+            raise ValueError(f"loss must be one of {BATCH_LOSSES}, got {self.loss!r}")
+        for name in ("lr", "epochs", "P", "K"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+def selection_score(dev: dict[str, dict[str, dict[str, float]]]) -> float:
+    """Mean of :data:`SELECTION_METRICS` from ``{role: summarise(...)}`` (NaN ones left out)."""
+    vals = [dev.get(role, {}).get(name, {}).get("value", float("nan")) for role, name in SELECTION_METRICS]
+    vals = [v for v in vals if np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def pool_items(model, items: Sequence[CatalogueItem], cache_path: str | Path | None = None, *,
+               progress: bool = True, batch_size: int = 64) -> torch.Tensor:
+    """Pooled taps of every item's image: ``Tensor[len(items), pooled_dim]`` (NaN rows: unreadable images)."""
+    paths = [it.path for it in items]
+    cache = ImageCache.build(paths, model.spec, cache_path, progress=progress)
+    pooled = torch.from_numpy(embed_images(model, cache.images, batch_size=batch_size, forward=model.pool,
+                                           progress=progress, desc="pooling taps"))
+    out = torch.full((len(items), pooled.shape[1]), float("nan"))
+    for i, p in enumerate(paths):
+        if p in cache.index:
+            out[i] = pooled[cache.index[p]]
+    return out
+
+
+@torch.no_grad()
+def pool_views(model, items: Sequence[CatalogueItem], indices: Sequence[int], views: int, *, seed: int = 0,
+               progress: bool = True) -> torch.Tensor:
+    """Pooled taps of ``views`` augmented copies (:class:`RetrievalAugment`) of each ``items[i]``:
+    ``Tensor[views, len(indices), pooled_dim]``. Copy v of item i is a function of (seed, v, i) alone."""
+    from tqdm import tqdm
+
+    from .data.datasets import _seed
+
+    cache = ImageCache.build([items[i].path for i in indices], model.spec, progress=False)
+    aug = RetrievalAugment()
+    out = torch.empty((views, len(indices), model.pooled_dim))
+    was = model.training
+    model.eval()
+    try:
+        for v in tqdm(range(views), desc="pooling augmented catalogue images", disable=not progress, leave=False):
+            imgs = torch.stack([aug(cache.images[cache.index[items[i].path]],
+                                    torch.Generator().manual_seed(_seed(seed, v, i))) for i in indices])
+            for start in range(0, len(imgs), 64):
+                out[v, start:start + 64] = model.pool(normalize(imgs[start:start + 64], model.spec)).float()
+    finally:
+        model.train(was)
+    return out
+
+
+def _loss_module(cfg: MetricConfig, n_classes: int, dim: int) -> torch.nn.Module | None:
+    if cfg.loss == "norm_softmax":
+        return NormSoftmax(n_classes, dim, cfg.temperature)
+    if cfg.loss == "proxy_anchor":
+        return ProxyAnchor(n_classes, dim)
+    return None
+
+
+@torch.no_grad()
+def _embed(model, pooled: torch.Tensor) -> np.ndarray:
+    was = model.training
+    model.eval()
+    try:
+        out = model.embed_pooled(torch.nan_to_num(pooled)).numpy()
+    finally:
+        model.train(was)
+    out[~torch.isfinite(pooled).all(1).numpy()] = np.nan
+    return out
+
+
+def dev_metrics(model, pooled: torch.Tensor, items: Sequence[CatalogueItem], split: ProtocolSplit,
+                *, n_boot: int = 200) -> dict:
+    """``{role: summarise(split_report)}`` on the dev roles, from pooled taps."""
+    emb = _embed(model, pooled)
+    ok = np.isfinite(emb).all(1)
+    cat = [i for i in split.catalogue if ok[i]]
+    return {role: summarise(split_report(emb, items, [i for i in split.roles[role] if ok[i]], cat), n_boot=n_boot)
+            for role in ("dev_unseen", "dev_seen") if split.roles.get(role)}
+
+
+def train_metric(cfg: MetricConfig, items: Sequence[CatalogueItem], split: ProtocolSplit, *,
+                 pooled: torch.Tensor | None = None, views: dict[int, torch.Tensor] | None = None,
+                 model=None) -> dict:
+    """Train the head of ``cfg.model`` on ``split.training_images()`` with the recipe of the module
+    docstring; keep the epoch with the best dev :func:`selection_score`. ``pooled`` (``Tensor[len(items),
+    pooled_dim]``) and ``views`` (item index -> ``Tensor[>= catalogue_views, pooled_dim]``, from
+    :func:`pool_views`) skip the pooling passes (several runs on one catalogue share them).
+    Returns ``{"best", "history", "out", "seconds", "model"}``."""
+    from tqdm import tqdm
+
+    from .models import create
+
+    t_start = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        kw = {"input_size": cfg.input_size} if cfg.input_size else {}
+        model = create(cfg.model, pretrained=True, dropout=cfg.dropout, final_relu=cfg.final_relu, **kw)
+    if getattr(model, "head", None) is None:
+        raise ValueError(f"{cfg.model} has no dense head to train (a zero-shot baseline): evaluate it instead")
+    units = model.backbone.units()
+    model.freeze(list(dict.fromkeys([*model.frozen_modules(), *units])))  # frozen backbone: taps pooled once
+    if pooled is None:  # only what training and selection read (a val photo is never pooled here)
+        needed = sorted(set(split.training_images()) | set(split.catalogue)
+                        | {i for r in ("dev_seen", "dev_unseen") for i in split.roles[r]})
+        pooled = torch.full((len(items), model.pooled_dim), float("nan"))
+        pooled[needed] = pool_items(model, [items[i] for i in needed], out / f"images_{model.spec.input_size}.pt",
+                                    progress=cfg.progress)
+    train_idx = [i for i in split.training_images() if torch.isfinite(pooled[i]).all()]
+    products = sorted({items[i].item_id for i in train_idx})
+    label_of = {p: k for k, p in enumerate(products)}
+    labels = torch.tensor([label_of[items[i].item_id] for i in train_idx])
+    # (V + 1, N, pooled_dim): view 0 is every image as it is; views 1..V differ from it on catalogue images only
+    table = pooled[train_idx].unsqueeze(0).repeat(cfg.catalogue_views + 1, 1, 1)
+    shop_rows = [r for r, i in enumerate(train_idx) if items[i].domain == "shop"]
+    if cfg.catalogue_views and shop_rows:
+        shop_items = [train_idx[r] for r in shop_rows]
+        if views is None:
+            views = dict(zip(shop_items, pool_views(model, items, shop_items, cfg.catalogue_views, seed=cfg.seed,
+                                                    progress=cfg.progress).unbind(1)))
+        table[1:, shop_rows] = torch.stack([views[i][:cfg.catalogue_views] for i in shop_items], 1)
+    is_shop = torch.zeros(len(train_idx), dtype=torch.bool)
+    is_shop[shop_rows] = True
+    sampler = PKSampler([items[i].item_id for i in train_idx], P=cfg.P, K=cfg.K, seed=cfg.seed,
+                        is_catalogue=[items[i].domain == "shop" for i in train_idx],
+                        catalogue_share=cfg.catalogue_share)
+    loss_mod = _loss_module(cfg, len(products), model.embedding_dim)
+    groups = [{"params": list(model.trainable_parameters())}]
+    if loss_mod is not None:  # proxies learn fast (the proxy-anchor paper's 100x)
+        groups.append({"params": list(loss_mod.parameters()), "lr": cfg.lr * 100})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    history: list[dict] = []
+    best: dict = {}
+    best_state = None
+
+    def record(epoch: int, loss: float, seconds: float) -> None:
+        nonlocal best, best_state
+        dev = dev_metrics(model, pooled, items, split)
+        score = selection_score(dev)
+        row = {"epoch": epoch, "train_loss": loss, "selection_score": score, "seconds": round(seconds, 2),
+               **{f"{role}_{k}": v["value"] for role, d in dev.items() for k, v in d.items()}}
+        history.append(row)
+        if epoch > 0 and (not best or score > best["selection_score"]):
+            best = {"epoch": epoch, "selection_score": score, "dev": dev}
+            best_state = copy.deepcopy(model.state_dict())
+        if cfg.progress:
+            print(f"epoch {epoch}: loss {loss:.4f} | dev score {score:.4f}"
+                  + (" *" if best.get("epoch") == epoch else ""), flush=True)
+
+    record(0, float("nan"), 0.0)  # the untrained head, for reference (never kept: it is random)
+    model.train()
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.time()
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout draws: a function of (seed, epoch)
+        sampler.set_epoch(epoch)
+        views = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        total = 0.0
+        for batch in tqdm(sampler, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False):
+            b = torch.tensor(batch)
+            v = torch.randint(0, table.shape[0], (len(b),), generator=views) * is_shop[b]  # photos: view 0
+            emb = model.embed_pooled(table[v, b])  # (P*K, D) unit
+            loss = multi_similarity(emb, labels[b]) if loss_mod is None else loss_mod(emb, labels[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        record(epoch, total / len(sampler), time.time() - t0)
+    model.load_state_dict(best_state)
+    model.eval()
+    save_checkpoint(out / "best.pt", model, variant=model.variant, model_kwargs=model.model_kwargs,
+                    extra={"epoch": best["epoch"], "selection_score": best["selection_score"],
+                           "training": json.dumps({"recipe": "metric", **asdict(cfg)})})
+    seconds = round(time.time() - t_start, 1)
+    atomic_write_text(out / "metrics.json", json.dumps(
+        {"config": asdict(cfg), "selection": [f"{r}:{m}" for r, m in SELECTION_METRICS],
+         "split": split.summary(items), "history": history, "best": best, "seconds": seconds}, indent=2,
+        default=float))
+    _plot(out / "curves.png", history)
+    return {"best": best, "history": history, "out": str(out), "seconds": seconds, "model": model}
+
+
+def _plot(path: Path, history: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fileio import atomic_open
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ep = [h["epoch"] for h in history[1:]]
+    ax1.plot(ep, [h["train_loss"] for h in history[1:]], marker="o")
+    ax1.set_title("training loss")
+    for key in sorted(k for k in history[0] if k.startswith("dev_") and ("mAP" in k or "recall@" in k)):
+        ax2.plot([h["epoch"] for h in history], [h[key] for h in history], marker=".", label=key[4:])
+    ax2.set_title("dev metrics (selection)")
+    ax2.legend(fontsize=6)
+    for ax in (ax1, ax2):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+# Options of the recipe only (model, loss, lr, epochs, weight decay, seed, threads: mildnet.train's, for both).
+_RECIPE_FLAGS = ("temperature", "P", "K", "catalogue_share", "dropout", "catalogue_views")
+
+
+def add_arguments(p) -> None:
+    """``mildnet train --catalogue`` options; types and defaults from :class:`MetricConfig` (one definition)."""
+    import dataclasses
+
+    p.add_argument("--catalogue", help="train the default recipe on this catalogue (CSV/JSONL/folder/Grocery)")
+    p.add_argument("--root", help="folder the catalogue's relative paths are resolved against")
+    p.add_argument("--dev-fraction", type=float, default=0.2,
+                   help="share of products held out of training to choose the epoch on (default 0.2)")
+    p.add_argument("--dev-photo-fraction", type=float, default=0.15,
+                   help="share of each training product's photos held out for the same (default 0.15)")
+    for f in dataclasses.fields(MetricConfig):
+        if f.name in _RECIPE_FLAGS:
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                           help=f"(--catalogue recipe) default {f.default}")
+
+
+def run_catalogue(args) -> int:
+    """``mildnet train --catalogue CAT --out DIR``: the default recipe on a user's catalogue."""
+    import dataclasses
+
+    from .data.catalogue import CatalogueError, load_catalogue
+    from .data.splits import protocol_split
+
+    items = load_catalogue(args.catalogue, root=args.root, allow_outside_root=args.allow_outside_root)
+    if not any(it.domain == "street" for it in items):  # photos only: every image is a photo of its product
+        items = [dataclasses.replace(it, domain="street") for it in items]
+    split = protocol_split(items, "unseen_products", seed=args.seed, test_fraction=0.0,
+                           dev_fraction=args.dev_fraction, dev_photo_fraction=args.dev_photo_fraction)
+    if len(split.fit_products) < 2:
+        raise CatalogueError(f"{args.catalogue}: fewer than 2 products are left to train on after the dev split")
+    shared = {"model": args.model, "input_size": args.input_size, "loss": args.loss, "lr": args.lr,
+              "epochs": args.epochs, "seed": args.seed, "threads": args.threads, "weight_decay": args.weight_decay}
+    cfg = MetricConfig(**{k: v for k, v in shared.items() if v is not None},
+                       **{k: getattr(args, k) for k in _RECIPE_FLAGS}, out=args.out, progress=not args.no_progress)
+    print(f"training {cfg.model} on {len(split.roles['fit'])} photos of {len(split.fit_products)} products; "
+          f"choosing the epoch on {len(split.dev_products)} held-out products and "
+          f"{len(split.roles['dev_seen'])} held-out photos", flush=True)
+    res = train_metric(cfg, items, split)
+    b = res["best"]
+    print(f"best: epoch {b['epoch']} (dev score {b['selection_score']:.4f}) -> {Path(args.out) / 'best.pt'} "
+          f"in {res['seconds']:.0f} s")
+    return 0
