@@ -144,6 +144,7 @@ def render_accuracy() -> str:
                       "l" + "r" * (len(ACC_COLUMNS) + 2)), ""]
     r = st["recipe"]
     chosen = st.get("chosen", {})
+    paper = res["schemes"]["unseen_products"]["models"]["paper"]
     out += [f"Percent, with 95 % bootstrap intervals over query photos ({st['bootstrap']} resamples); every row "
             f"on the same queries, searching the whole {res['schemes']['unseen_products']['split']['catalogue_images']}"
             f"-image catalogue. Input {st['input_size']} px, backbone `{st['model']}` frozen, its taps pooled once. "
@@ -154,7 +155,8 @@ def render_accuracy() -> str:
             f"{r['weight_decay']:g}, {r['epochs']} epochs, the best dev epoch kept"
             + (f" (settings: candidate `{chosen['candidate']}` of the study below)" if chosen else "")
             + f". Selection: {st['selection']}. Paper's recipe: 8 triplets per photo (half of the non-hard "
-            "negatives in-class), contrastive loss, AdamW lr 1e-4, 8 epochs, the lowest dev loss kept.", ""]
+            f"negatives in-class), contrastive loss, AdamW lr 1e-4, batch 16, {paper['epochs']} epochs, the lowest "
+            "dev loss kept.", ""]
     t = res.get("targets", {})
     if t:
         out += ["Targets: " + "; ".join(f"{k.replace('_', ' ')} {verdict(v['met'])} ("

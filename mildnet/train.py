@@ -440,7 +440,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-root", help="folder the triplet paths are relative to (default: from summary.json)")
     p.add_argument("--allow-outside-root", action="store_true")
     p.add_argument("--loss", choices=(*LOSSES, *BATCH_LOSSES),
-                   help=f"--catalogue: one of {BATCH_LOSSES} (default multi_similarity); --train: one of "
+                   help=f"--catalogue: one of {BATCH_LOSSES} (default proxy_anchor); --train: one of "
                         f"{tuple(LOSSES)} (default hinge)")
     p.add_argument("--margin", type=float, default=1.0)
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))

@@ -47,7 +47,7 @@ def test_default_recipe_writes_a_loadable_checkpoint(trained):
     assert model.variant == "mildnet_effnet_lite0" and model.spec.input_size == 64
     assert model.model_kwargs["final_relu"] is False  # the recipe's head, rebuilt from the checkpoint
     metrics = json.loads((trained / "metrics.json").read_text())
-    assert metrics["config"]["loss"] == "multi_similarity"
+    assert metrics["config"]["loss"] == "proxy_anchor"
     assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2]
     assert metrics["best"]["epoch"] in (1, 2)
     assert (trained / "curves.png").stat().st_size > 0

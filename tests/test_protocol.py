@@ -228,3 +228,17 @@ def test_retrieval_augment_is_seeded_and_keeps_shape():
     assert a.shape == img.shape and a.dtype == torch.uint8
     assert torch.equal(a, aug(img, torch.Generator().manual_seed(1)))
     assert not torch.equal(a, aug(img, torch.Generator().manual_seed(2)))
+
+
+def test_the_default_recipe_is_what_the_study_chose():
+    """MetricConfig's defaults are the recipe bench/accuracy.py chose on the dev split and reported."""
+    import dataclasses
+    import json
+
+    from mildnet.metric_train import MetricConfig
+
+    recipe = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results" / "accuracy.json").read_text())[
+        "settings"]["recipe"]
+    defaults = dataclasses.asdict(MetricConfig())
+    assert {k: defaults[k] for k in recipe if k not in ("model", "input_size", "seed")} == \
+        {k: v for k, v in recipe.items() if k not in ("model", "input_size", "seed")}
