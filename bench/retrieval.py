@@ -169,7 +169,8 @@ def bench_milvus(base: np.ndarray, queries: np.ndarray, record, args) -> None:
     for index_type, build_params, sweep in configs:
         name = f"bench_{index_type.lower()}_{n}_{dim}"
         index = create_index(dim, backend="milvus", uri=args.milvus_uri, collection=name, model_version="bench",
-                             index_type=index_type, build_params=build_params, timeout=600)
+                             index_type=index_type, build_params=build_params, timeout=600,
+                             consistency=args.milvus_consistency)
         try:
             t = time.perf_counter()
             index.add(ids, base)
@@ -193,7 +194,8 @@ def bench_milvus(base: np.ndarray, queries: np.ndarray, record, args) -> None:
                         return None, np.array([[int(h.id) for h in row] + [-1] * (kk - len(row)) for row in hits])
 
                 qps, labels = timed_search(_Labels, queries, k)
-                row = record(f"milvus-{index_type.lower().replace('_', '')}", {**build_params, **params}, build,
+                row = record(f"milvus-{index_type.lower().replace('_', '')}",
+                             {**build_params, **params, "consistency": args.milvus_consistency}, build,
                              int(rss * 2**20), qps, labels, latency_ms(_Labels, queries, k))
                 row["index_mb_is"] = "resident memory of the whole Milvus server (index not measurable alone)"
         finally:
@@ -290,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="which ANN indexes to measure (flat always runs: it is the ground truth)")
     p.add_argument("--milvus", action="store_true", help="also measure a Milvus server started here (see above)")
     p.add_argument("--milvus-uri", default="", help="measure this running Milvus server instead of starting one")
+    p.add_argument("--milvus-consistency", default="Session", help="read consistency of the Milvus searches "
+                   "(mildnet's default Session; Strong waits for the server's time tick, ~0.5 s a call)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)

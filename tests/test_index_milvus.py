@@ -260,7 +260,8 @@ def test_server_killed_mid_query_then_restarted_loses_nothing(tmp_path):
         index.close()
 
         server.start()
-        again = create_index(DIM, backend="milvus", uri=server.uri, collection="crash", model_version="test:1")
+        again = create_index(DIM, backend="milvus", uri=server.uri, collection="crash", model_version="test:1",
+                             consistency="Strong")  # a new client: wait until everything acknowledged is visible
         assert set(again.ids()) == acknowledged and len(again) == len(acknowledged)
         assert again.search(vecs[200], k=1)[0][0].id == "item-200"
         again.add(ids[400:], vecs[400:], meta[400:])
