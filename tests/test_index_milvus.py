@@ -265,3 +265,14 @@ def test_server_killed_mid_query_then_restarted_loses_nothing(tmp_path):
     finally:
         server.stop()
     assert not (tmp_path / "data").exists()
+
+
+def test_server_start_on_a_busy_port_is_a_clear_error(tmp_path):
+    from mildnet.index.milvus_server import MilvusServer, MilvusServerError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(MilvusServerError, match=f"127.0.0.1:{port} is in use"):
+            MilvusServer(tmp_path / "data", port=port).start(timeout=60)
