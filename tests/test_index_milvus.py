@@ -188,6 +188,7 @@ def test_server_ann_indexes_recall(milvus_server, index_type, params):
         got = index.search(queries, k=10)
         recall = np.mean([len({h.id for h in g} & {ids[j] for j in w}) / 10 for g, w in zip(got, want)])
         assert recall >= 0.9, recall
+        assert len(index.search(queries[0], k=500)[0]) == 500  # k above ef / nprobe's reach: still k hits
     finally:
         index.drop()
         index.close()
