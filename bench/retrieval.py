@@ -4,6 +4,7 @@
     python bench/retrieval.py                        # 100k and 1M vectors, 512-d (~10 min on 2 cores)
     python bench/retrieval.py --dims 512,1024        # plus mildnet_mobile's 1024-d (1M x 1024 = 4 GB)
     python bench/retrieval.py --sizes 20000 --queries 500   # a quick look
+    python bench/retrieval.py --sizes 100000 --dims 1024 --milvus   # plus a real Milvus server beside FAISS
 
 Data: synthetic but shaped like real image embeddings, which are clustered and have a low intrinsic
 dimension: a Gaussian mixture (``--clusters`` centres, noise ``--spread``) in a ``--latent-dim``-d space,
@@ -15,6 +16,13 @@ numbers as indicative and re-check on your catalogue. Recall@10 = |ANN top-10 âˆ
 Queries/s: all ``--queries`` queries in one batched call with ``--threads`` FAISS threads, best of 2 runs;
 ``latency_ms`` is one query at a time (what one ``similar`` request pays). Writes bench/results/retrieval.json
 and prints a table. Target: some index with recall@10 >= 0.95 at >= 50x exact queries/s at 1M vectors.
+
+``--milvus`` also measures a Milvus 2.3.5 standalone server (started here on 127.0.0.1 in a temp folder by
+``mildnet.index.milvus_server``, or ``--milvus-uri``) on the same vectors and queries, through the shipped
+``mildnet.index`` Milvus backend: its HNSW and IVF_FLAT indexes (rows ``milvus-hnsw``, ``milvus-ivfflat``).
+Build time = insert + flush + index build until every row is indexed; memory = the server's resident set after
+loading (the whole server, not only the index); queries/s = the same batched call, best of 2, over gRPC on
+loopback; the server uses the machine's cores as it likes (FAISS: ``--threads``).
 """
 from __future__ import annotations
 
@@ -127,7 +135,72 @@ def bench_one(n: int, dim: int, args, rng) -> list[dict]:
         bench_hnsw(base, queries, truth, record, args)
     if "ivfflat" in args.indexes or "ivfpq" in args.indexes:
         bench_ivf(base, queries, record, args, rng)
+    if args.milvus_uri:
+        bench_milvus(base, queries, record, args)
     return rows
+
+
+def server_rss_mb(pid: int | None) -> float | None:
+    """Resident memory of a process group (the Milvus forwarder + server), from /proc; None if unknown."""
+    if pid is None:
+        return None
+    total = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.getpgid(int(entry.name)) == pid:
+                for line in (entry / "status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except (OSError, ProcessLookupError):
+            continue
+    return round(total / 1024, 1)
+
+
+def bench_milvus(base: np.ndarray, queries: np.ndarray, record, args) -> None:
+    """The Milvus server's HNSW and IVF_FLAT through mildnet.index (same data, queries and truth as FAISS)."""
+    from mildnet.index import create_index
+
+    n, dim, k = base.shape[0], base.shape[1], 10
+    nlist = args.nlist or max(64, int(np.sqrt(n)))
+    configs = [("HNSW", {"M": args.hnsw_m, "efConstruction": args.ef_construction},
+                [{"ef": ef} for ef in args.ef_search]),
+               ("IVF_FLAT", {"nlist": nlist}, [{"nprobe": p} for p in args.nprobe])]
+    ids = [str(i) for i in range(n)]
+    for index_type, build_params, sweep in configs:
+        name = f"bench_{index_type.lower()}_{n}_{dim}"
+        index = create_index(dim, backend="milvus", uri=args.milvus_uri, collection=name, model_version="bench",
+                             index_type=index_type, build_params=build_params, timeout=600,
+                             consistency=args.milvus_consistency)
+        try:
+            t = time.perf_counter()
+            index.add(ids, base)
+            index._c.flush(name)
+            while True:  # the server builds the index in the background: wait until every row is in it
+                info = index._c.describe_index(name, index_name="vector")
+                if int(info.get("indexed_rows", 0)) >= n and int(info.get("pending_index_rows", 0)) == 0:
+                    break
+                time.sleep(1)
+            index._c.release_collection(name)
+            index._c.load_collection(name)  # serve the sealed, indexed segments
+            build = time.perf_counter() - t
+            rss = server_rss_mb(args.milvus_pid) or 0.0
+            for params in sweep:
+                index.search_params = params
+
+                class _Labels:  # the FAISS-shaped adapter timed_search and latency_ms expect
+                    @staticmethod
+                    def search(q, kk):
+                        hits = index.search(q, kk)
+                        return None, np.array([[int(h.id) for h in row] + [-1] * (kk - len(row)) for row in hits])
+
+                qps, labels = timed_search(_Labels, queries, k)
+                row = record(f"milvus-{index_type.lower().replace('_', '')}",
+                             {**build_params, **params, "consistency": args.milvus_consistency}, build,
+                             int(rss * 2**20), qps, labels, latency_ms(_Labels, queries, k))
+                row["index_mb_is"] = "resident memory of the whole Milvus server (index not measurable alone)"
+        finally:
+            index.drop()
+            index.close()
 
 
 def bench_hnsw(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, record, args) -> None:
@@ -217,12 +290,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k-factor", type=ints, default=[10], help="IVF-PQ re-ranking shortlist = k * this (swept)")
     p.add_argument("--indexes", type=lambda x: x.split(","), default=["hnsw", "ivfflat", "ivfpq"],
                    help="which ANN indexes to measure (flat always runs: it is the ground truth)")
+    p.add_argument("--milvus", action="store_true", help="also measure a Milvus server started here (see above)")
+    p.add_argument("--milvus-uri", default="", help="measure this running Milvus server instead of starting one")
+    p.add_argument("--milvus-consistency", default="Session", help="read consistency of the Milvus searches "
+                   "(mildnet's default Session; Strong waits for the server's time tick, ~0.5 s a call)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     faiss.omp_set_num_threads(args.threads)
+    args.milvus_pid = None
+    if args.milvus and not args.milvus_uri:
+        import tempfile
+
+        from mildnet.index.milvus_server import MilvusServer
+
+        server = MilvusServer(Path(tempfile.mkdtemp(prefix="mildnet-bench-milvus-")), remove_data=True).start()
+        args.milvus_uri, args.milvus_pid = server.uri, server.pid
+        try:
+            return run(args)
+        finally:
+            server.stop()
+    return run(args)
+
+
+def run(args) -> int:
     rng = np.random.default_rng(args.seed)
     started = time.time()
+    args.load_average_at_start = round(os.getloadavg()[0], 2)
     rows: list[dict] = []
     for dim in args.dims:
         for n in args.sizes:
@@ -245,6 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def milvus_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"milvus {version('milvus')} (standalone wheel), pymilvus {version('pymilvus')}"
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def write_result(args, rows: list[dict], started: float, done: bool) -> dict:
     """Verdicts (largest size measured, per dim) + settings + machine -> JSON, written atomically."""
     verdicts = []
@@ -262,12 +365,14 @@ def write_result(args, rows: list[dict], started: float, done: bool) -> dict:
     result = {
         "benchmark": "retrieval", "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": done,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                     if k not in ("milvus_pid", "milvus_uri")},
         "data": "synthetic: latent Gaussian mixture (low intrinsic dim) mapped to dim + isotropic noise, "
                 "unit-normalised; queries from the same distribution",
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                     "faiss": faiss.__version__, "numpy": np.__version__, "threads": args.threads,
-                    "peak_rss_mb": round(rss_mb(), 1), "load_average_1m": round(os.getloadavg()[0], 2)},
+                    "peak_rss_mb": round(rss_mb(), 1), "load_average_1m": round(os.getloadavg()[0], 2),
+                    **({"milvus_server": milvus_version()} if args.milvus or args.milvus_uri else {})},
         "target": {"recall@10": TARGET_RECALL, "speedup_vs_flat": TARGET_SPEEDUP}, "verdicts": verdicts,
         "rows": rows, "wall_s": round(time.time() - started, 1),
     }

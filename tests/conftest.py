@@ -88,3 +88,17 @@ def triton_server(served_repository, catalogue_index):
     repo, _, _ = served_repository
     with TritonServer(repo, poll_secs=1, log_file=repo.parent / "tritonserver.log") as server:
         yield server
+
+
+# ---- Milvus server fixture (issue 17): ONE real Milvus 2.3.5 standalone per session, 127.0.0.1 only ----------
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """A real Milvus server (mildnet.index.milvus_server) in a temp data folder, removed at session end."""
+    from mildnet.index.milvus_server import MilvusServer
+
+    server = MilvusServer(tmp_path_factory.mktemp("milvus") / "data", remove_data=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,4 +1,4 @@
-"""mildnet.index on random unit vectors: no server needed."""
+"""mildnet.index (FAISS backend) on random unit vectors: no server needed. Milvus: tests/test_index_milvus.py."""
 from __future__ import annotations
 
 import os
@@ -249,45 +249,6 @@ def test_empty_index_roundtrip(tmp_path):
     assert index.search(unit(2), k=3) == [[], []]
     index.save(tmp_path / "e.mindex")
     assert len(load_index(tmp_path / "e.mindex")) == 0
-
-
-# ---- Milvus (milvus-lite file) -------------------------------------------------------------------------
-pymilvus = pytest.importorskip("pymilvus")
-
-
-@pytest.fixture
-def milvus_uri(tmp_path):
-    return str(tmp_path / "milvus.db")
-
-
-@pytest.mark.parametrize("filter", [None, {"category": "Pear"}])
-def test_milvus_matches_faiss_flat(milvus_uri, filter):
-    flat, ids, vecs, meta = make(300, "flat")
-    mv = create_index(DIM, backend="milvus", uri=milvus_uri, model_version="test:1")
-    mv.add(ids, vecs, meta)
-    queries = unit(15, seed=4)
-    a, b = flat.search(queries, k=10, filter=filter), mv.search(queries, k=10, filter=filter)
-    assert [[h.id for h in r] for r in a] == [[h.id for h in r] for r in b]
-    np.testing.assert_allclose([[h.score for h in r] for r in a], [[h.score for h in r] for r in b], atol=1e-5)
-    assert b[0][0].metadata == meta[ids.index(b[0][0].id)]
-
-
-def test_milvus_add_remove_persist(milvus_uri, tmp_path):
-    _, ids, vecs, meta = make(50, "flat")
-    mv = create_index(DIM, backend="milvus", uri=milvus_uri, collection="cat", model_version="test:1")
-    mv.add(ids, vecs, meta)
-    mv.remove(["item-2"])
-    assert len(mv) == 49 and "item-2" not in mv and "item-3" in mv
-    assert mv.search(vecs[2], k=3)[0][0].id != "item-2"
-    with pytest.raises(UnknownFilterKeyError):
-        mv.search(vecs[0], k=3, filter={"nope": 1})
-    mv.save(tmp_path / "mv.mindex")
-    mv.close()
-    again = load_index(tmp_path / "mv.mindex")
-    assert len(again) == 49 and sorted(again.ids()) == sorted(ids[:2] + ids[3:])
-    assert again.search(vecs[5], k=1, filter={"rank": 2})[0][0].id == "item-5"
-    with pytest.raises(ModelVersionError, match="test:1"):
-        create_index(DIM, backend="milvus", uri=milvus_uri, collection="cat", model_version="other:9")
 
 
 # ---- IVF-PQ + exact re-ranking (the auto choice for the largest catalogues) --------------------------------

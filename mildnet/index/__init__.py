@@ -25,7 +25,8 @@ BACKENDS = ("faiss", "milvus")
 def create_index(dim: int, *, backend: str = "faiss", kind: str = "auto", metric: str = "ip",
                  model_version: str, **params: Any) -> Index:
     """A new empty index. ``params``: backend settings (faiss: ``auto_threshold``, ``hnsw_m``,
-    ``ef_construction``, ``ef_search``; milvus: ``uri`` (required), ``collection``, ``index_type``)."""
+    ``ef_construction``, ``ef_search``; milvus: ``uri`` (required), ``collection``, ``index_type``,
+    ``build_params``, ``search_params``, ``consistency``, ``timeout``)."""
     if backend == "faiss":
         from .faiss_index import FaissIndex
 
