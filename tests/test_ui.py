@@ -340,19 +340,21 @@ def results(driver) -> list:
 def upload(driver, path: Path, k: int | None = None, category: str = "") -> list:
     """Choose ``path`` in the file input (as a person would), wait for the grid or the error."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
     if k is not None:
         box = driver.find_element(By.ID, "k")
-        box.clear()
+        box.send_keys(Keys.CONTROL, "a")
         box.send_keys(str(k))
     Select(driver.find_element(By.ID, "category")).select_by_value(category)
     driver.execute_script("document.getElementById('results').replaceChildren();"
                           "document.getElementById('error').hidden = true;"
                           "document.getElementById('file').value = '';")
     driver.find_element(By.ID, "file").send_keys(str(path))
-    wait(driver, lambda d: results(d) or d.find_element(By.ID, "error").is_displayed(),
-         message=f"no results and no error after uploading {path.name}")
+    # the grid of this photo (a change of k may re-search the previous one first), or an error
+    wait(driver, lambda d: f"for {path.name}" in d.find_element(By.ID, "summary").text
+         or d.find_element(By.ID, "error").is_displayed(), message=f"no results and no error after {path.name}")
     return results(driver)
 
 
@@ -399,8 +401,9 @@ def test_held_out_photo_finds_its_product_in_the_top_five(page, ui_stack):
         upload(page, queries["Granny-Smith"], k=8)
         page.execute_script("window.scrollTo(0, 0)")
         page.save_screenshot(os.environ["MILDNET_UI_SCREENSHOT"])
-    assert found["Granny-Smith"], found
-    assert sum(found.values()) >= len(found) - 1, found  # zero-shot features: at most one product missed
+    # 3 of 24 catalogue photos are the right product: a random ranking gets one into the top five about half
+    # the time, so all eight by chance ~0.5 %. (Zero-shot features get all 24 val photos of these right.)
+    assert all(found.values()), found
 
 
 @pytest.mark.server

@@ -6,7 +6,7 @@ const $ = (id) => document.getElementById(id);
 const POLL_MS = 2000;
 let status = null;   // the last /api/status answer
 let last = null;     // what to repeat with "Search again": {photo: Blob, name} or {image: catalogue name}
-let busy = false;
+let latest = 0;      // the newest search's number: an older answer arriving late is dropped
 
 function showError(message) {
   $("error").textContent = message;
@@ -70,7 +70,7 @@ function query() {
 }
 
 async function search(what) {
-  if (busy) return;
+  const mine = ++latest;
   last = what;
   $("again").disabled = false;
   showError("");
@@ -88,11 +88,11 @@ async function search(what) {
     q.set("image", what.image);
     request = fetch("/api/similar?" + q);
   }
-  busy = true;
   $("summary").textContent = "searching…";
   try {
     const r = await request;
     const body = await r.json().catch(() => ({error: `the search page answered ${r.status}`}));
+    if (mine !== latest) return;
     if (!r.ok) {
       const serverSide = body.kind === "server_down" || body.kind === "not_ready";
       if (serverSide) showServer({state: body.kind === "server_down" ? "down" : "not_ready", message: body.error});
@@ -100,9 +100,7 @@ async function search(what) {
     }
     render(body);
   } catch (e) {
-    fail("The search page does not answer (is `mildnet ui` still running?).", "server");
-  } finally {
-    busy = false;
+    if (mine === latest) fail("The search page does not answer (is `mildnet ui` still running?).", "server");
   }
 }
 
@@ -185,6 +183,8 @@ document.addEventListener("DOMContentLoaded", () => {
     if (file) usePhoto(file);
   });
   $("again").addEventListener("click", () => last && search(last));
-  for (const id of ["k", "category"]) $(id).addEventListener("change", () => last && search(last));
+  for (const id of ["k", "category"]) {
+    $(id).addEventListener("change", (e) => last && e.target.checkValidity() && e.target.value !== "" && search(last));
+  }
   poll();
 });
