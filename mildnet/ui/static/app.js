@@ -7,6 +7,7 @@ const POLL_MS = 2000;
 let status = null;   // the last /api/status answer
 let last = null;     // what to repeat with "Search again": {photo: Blob, name} or {image: catalogue name}
 let latest = 0;      // the newest search's number: an older answer arriving late is dropped
+let lastSettings = "";  // k and category of the last search: changing them searches again
 
 function showError(message) {
   $("error").textContent = message;
@@ -75,6 +76,7 @@ async function search(what) {
   $("again").disabled = false;
   showError("");
   const q = query();
+  lastSettings = q.toString();
   let request;
   if (what.photo) {
     if (status && what.photo.size > status.max_upload_bytes) {
@@ -146,6 +148,7 @@ function render(body) {
     score.textContent = `score ${h.score.toFixed(3)}`;
     const dl = document.createElement("dl");
     for (const [key, value] of Object.entries(h.metadata)) {
+      if (key === "name") continue;  // it is the card's title
       const dt = document.createElement("dt");
       dt.textContent = key;
       const dd = document.createElement("dd");
@@ -184,7 +187,9 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("again").addEventListener("click", () => last && search(last));
   for (const id of ["k", "category"]) {
-    $(id).addEventListener("change", (e) => last && e.target.checkValidity() && e.target.value !== "" && search(last));
+    $(id).addEventListener("change", (e) => {
+      if (last && e.target.checkValidity() && e.target.value !== "" && query().toString() !== lastSettings) search(last);
+    });
   }
   poll();
 });
