@@ -472,3 +472,25 @@ def test_server_down_then_back_without_reloading(page, ui_stack):
     wait(page, lambda d: len(results(d)) == 4, 60, "no results after the server came back")
     assert page.execute_script("return window.__sameVisit") == 42  # the same page, never reloaded
     assert not page.find_element(By.ID, "error").is_displayed()
+
+
+@pytest.mark.server
+@pytest.mark.browser
+def test_reads_on_a_phone_sized_window(page, ui_stack):
+    """390 px wide: no sideways scrolling, two cards a row, every control on screen."""
+    from selenium.webdriver.common.by import By
+
+    _, _, _, queries = ui_stack
+    size = page.get_window_size()
+    page.set_window_size(390, 844)
+    try:
+        hits = upload(page, queries["Cucumber"], k=4)
+        assert len(hits) == 4
+        width = page.execute_script("return document.documentElement.clientWidth")
+        assert page.execute_script("return document.documentElement.scrollWidth") <= width
+        assert hits[0].rect["y"] == hits[1].rect["y"] < hits[2].rect["y"]  # two a row
+        for id_ in ("file", "k", "category", "again"):
+            r = page.find_element(By.ID, id_).rect
+            assert r["x"] >= 0 and r["x"] + r["width"] <= width, id_
+    finally:
+        page.set_window_size(size["width"], size["height"])
