@@ -494,3 +494,30 @@ def test_reads_on_a_phone_sized_window(page, ui_stack):
             assert r["x"] >= 0 and r["x"] + r["width"] <= width, id_
     finally:
         page.set_window_size(size["width"], size["height"])
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_locust_page_users(ui_stack, tmp_path, grocery_root):
+    """client/locustfile.py's page users post photos to /api/search; every answer must hold hits."""
+    import csv
+    import subprocess
+    import sys
+
+    _, page_server, _, queries = ui_stack
+    images = tmp_path / "images"
+    images.mkdir()
+    for photo in list(queries.values())[:4]:
+        shutil.copyfile(photo, images / photo.name)
+    prefix = tmp_path / "locust"
+    env = {**os.environ, "MILDNET_PAGE_URL": page_server.url, "MILDNET_LOCUST_PROTOCOLS": "page"}
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "client" / "locustfile.py"), "--headless", "-u", "2",
+           "-r", "2", "-t", "12s", "--stop-timeout", "20", "--host", "http://127.0.0.1:1", "--images", str(images),
+           "--k", "3", "--csv", str(prefix), "--only-summary"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    with open(f"{prefix}_stats.csv") as f:
+        rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(f)}
+    assert r.returncode == 0, r.stderr[-3000:]
+    page_row = rows[("POST", "page /api/search")]
+    assert int(page_row["Request Count"]) >= 1 and int(page_row["Failure Count"]) == 0, rows
+    assert set(rows) == {("POST", "page /api/search"), ("", "Aggregated")}  # only the page's users ran
