@@ -102,7 +102,8 @@ def test_symlink_inside_the_root_is_fine(catalogue):
     assert CatalogueFiles(root).resolve("alias.jpg") == (root / "fruit" / "b.jpg").resolve()
 
 
-@pytest.mark.parametrize("url", ["/thumbs/../secret.jpg", "/thumbs/%2e%2e/secret.jpg", "/thumbs/fruit/%2e%2e/%2e%2e/secret.jpg",
+@pytest.mark.parametrize("url", ["/thumbs/../secret.jpg", "/thumbs/%2e%2e/secret.jpg",
+                                 "/thumbs/fruit/%2e%2e/%2e%2e/secret.jpg",
                                  "/thumbs/%2fetc%2fpasswd", "/thumbs//etc/passwd", "/thumbs/nope.jpg"])
 def test_thumbnail_route_refuses_escapes(client, url):
     r = client.get(url)

@@ -31,7 +31,8 @@ function showServer(server) {
 
 function showAbout(s) {
   const parts = [];
-  if (s.server.state === "ready") parts.push(`model ${s.server.model} v${s.server.version} (${s.server.model_version})`);
+  const m = s.server;
+  if (m.state === "ready") parts.push(`model ${m.model} v${m.version} (${m.model_version})`);
   if (s.index.size !== null && s.index.size !== undefined) parts.push(`${s.index.size} catalogue items indexed`);
   if (s.index.error) parts.push(s.index.error);
   if (s.index.warning) parts.push(s.index.warning);
@@ -83,9 +84,8 @@ async function search(what) {
       return fail(`The file is larger than the ${Math.round(status.max_upload_bytes / 1048576)} MiB limit.`, "input");
     }
     q.set("name", what.name || "photo");
-    request = fetch("/api/search?" + q, {method: "POST", body: what.photo,
-      headers: {"Content-Type": what.photo.type && what.photo.type.startsWith("image/") ? what.photo.type
-                                                                                         : "application/octet-stream"}});
+    const type = what.photo.type && what.photo.type.startsWith("image/") ? what.photo.type : "application/octet-stream";
+    request = fetch("/api/search?" + q, {method: "POST", body: what.photo, headers: {"Content-Type": type}});
   } else {
     q.set("image", what.image);
     request = fetch("/api/similar?" + q);
@@ -115,8 +115,9 @@ function fail(message, kind) {
 
 function render(body) {
   const where = body.category ? ` in ${body.category}` : "";
-  $("summary").textContent = `${body.hits.length} result${body.hits.length === 1 ? "" : "s"} for ${body.query.name}${where}` +
-    (body.hits.length ? ". Choose one to see more like it." : " (nothing matches the filter).");
+  const n = body.hits.length;
+  $("summary").textContent = `${n} result${n === 1 ? "" : "s"} for ${body.query.name}${where}` +
+    (n ? ". Choose one to see more like it." : " (nothing matches the filter).");
   const items = body.hits.map((h) => {
     const li = document.createElement("li");
     li.className = "hit";
@@ -188,7 +189,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("again").addEventListener("click", () => last && search(last));
   for (const id of ["k", "category"]) {
     $(id).addEventListener("change", (e) => {
-      if (last && e.target.checkValidity() && e.target.value !== "" && query().toString() !== lastSettings) search(last);
+      const valid = e.target.checkValidity() && e.target.value !== "";
+      if (last && valid && query().toString() !== lastSettings) search(last);
     });
   }
   poll();
