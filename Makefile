@@ -15,13 +15,14 @@ export MAX_JOBS ?= 2
 KERNEL_SOURCES := $(shell find kernels -type f 2>/dev/null) setup.py
 PYTEST_ARGS ?=
 
-.PHONY: all venv build cmake-test test demo demo-record serve loadtest bench clean help
+.PHONY: all venv build cmake-test browser test demo demo-record serve ui loadtest bench clean help
 all: build
 
 help:
 	@echo "make demo   - set up, train briefly, export, serve, index, query, load-test, summary"
 	@echo "make test   - set up, build (C++ + CUDA where nvcc exists), ctest, pytest"
 	@echo "make serve  - start Triton on model_repository (127.0.0.1)"
+	@echo "make ui     - the search page (127.0.0.1:8090) in front of a running Triton (UI_ARGS=--url ...)"
 	@echo "make bench  - run the benchmarks under bench/ (JSON in bench/results/)"
 
 $(DEPS_STAMP): requirements.txt
@@ -43,7 +44,13 @@ cmake-test: $(BUILD_STAMP)
 	cmake --build build/cmake -j $(MAX_JOBS)
 	cd build/cmake && ctest --output-on-failure
 
-test: cmake-test
+# The search page's tests drive a real browser: Debian's chromium + its driver, installed when missing.
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -q && \
+	    $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q chromium chromium-driver; }
+
+test: cmake-test browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The whole journey on real data (client/demo.py): data, weights, triplets, a short training, export, Triton,
@@ -59,6 +66,11 @@ demo-record: $(BUILD_STAMP)
 
 serve: $(BUILD_STAMP)
 	$(PY) -m mildnet serve --repository model_repository
+
+# The search page in front of a running Triton (`make serve`): http://127.0.0.1:8090/ by default.
+UI_ARGS ?=
+ui: $(BUILD_STAMP)
+	$(PY) -m mildnet ui $(UI_ARGS)
 
 # Every benchmark (JSON in bench/results/), then the README's tables from them.
 bench: $(BUILD_STAMP)

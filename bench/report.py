@@ -337,9 +337,26 @@ def render_demo() -> str:
     ])
 
 
+def render_ui() -> str:
+    s = load("ui.json")
+    rows = [[pt["users"], f"{pt['triton']['p50_ms']:.1f}", f"{pt['page']['p50_ms']:.1f}", f"{pt['added_p50_ms']:.1f}",
+             f"{pt['triton']['p99_ms']:.1f}", f"{pt['page']['p99_ms']:.1f}", f"{pt['added_p99_ms']:.1f}"]
+            for pt in s["points"]]
+    return "\n".join([
+        table(["users", "Triton direct p50 (ms)", "page p50 (ms)", "web layer p50 (ms)", "Triton direct p99 (ms)",
+               "page p99 (ms)", "web layer p99 (ms)"], rows),
+        "",
+        f"`{s['model']}` at {s['input_size']} px, {s['catalogue_items']} catalogue items, k = {s['k']}, a "
+        f"{s['query_bytes'] / 1024:.0f} KiB photo; load average {s['machine']['load_avg_end'][0]:.1f} on "
+        f"{s['machine']['cpus']} CPUs, {s['points'][0]['page']['n']} and {s['points'][-1]['page']['n']} page requests.",
+        "",
+        source(["ui.json"], "python bench/ui.py"),
+    ])
+
+
 RENDERERS = {
     "params": render_params, "zoo": render_zoo, "accuracy": render_accuracy, "serving": render_serving,
-    "kernel": render_kernel, "index": render_index, "soak": render_soak, "demo": render_demo,
+    "kernel": render_kernel, "index": render_index, "soak": render_soak, "demo": render_demo, "ui": render_ui,
 }
 
 

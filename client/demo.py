@@ -524,6 +524,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slice", type=int, metavar="CLASSES", help="keep only this many classes (a quick run)")
     p.add_argument("--locust-seconds", type=int, default=25, help="0 skips the load test (default: %(default)s)")
     p.add_argument("--locust-users", type=int, default=4)
+    p.add_argument("--ui", action="store_true", help="keep Triton and the search page running at the end, "
+                   "until Ctrl-C (`make demo DEMO_ARGS=--ui`)")
+    p.add_argument("--ui-port", type=int, default=8090, help="the search page's port (default: %(default)s; "
+                   "a free one when taken)")
     p.add_argument("--record", action="store_true", help="also write bench/results/demo.json and "
                    "docs/img/demo_query.png, the README's figures (`make demo-record`)")
     args = p.parse_args(argv)
@@ -570,6 +574,10 @@ def demo(args: argparse.Namespace) -> dict:
             index_file = repository / "similar" / "index" / "catalogue.mindex"
             summary["index"] = {"file": str(index_file), **build_index(data, work, data_key, index_file,
                                                                        model_version, server.http_url)}
+        page_server = start_page(server.http_url, index_file, args.ui_port)
+        stack.callback(page_server.stop)
+        print(f"search page: {page_server.url}" + ("" if args.ui else "  (while the demo runs; "
+                                                   "`make demo DEMO_ARGS=--ui` keeps it up)"))
         with stages("query", f"query {len(data.queries)} held-out photos (client/query.py)"):
             results = run_queries(data, server.http_url)
             summary.update(accuracy=accuracy(results), results=results)
@@ -585,6 +593,8 @@ def demo(args: argparse.Namespace) -> dict:
                 time.sleep(2.5)  # Triton refreshes its counters every 2 s
                 after = served_times(server.metrics_url)
                 summary["time_per_request"] = {m: time_per_request(before[m], after[m]) for m in SERVED_MODELS}
+        if args.ui:
+            wait_for_ctrl_c(f"search page: {page_server.url} (Triton {server.http_url}); Ctrl-C stops both")
         with stages("stop", "stop Triton"):
             stack.close()
     summary.update(page=str(page), stage_seconds=stages.seconds, seconds=round(time.perf_counter() - t0, 1))
@@ -594,6 +604,27 @@ def demo(args: argparse.Namespace) -> dict:
     if args.record:
         record(summary, ROOT / "bench" / "results" / "demo.json", ROOT / "docs" / "img" / "demo_query.png")
     return summary
+
+
+def start_page(triton_url: str, index_file: Path, port: int):
+    """The search page (mildnet.ui) over the demo's server and index, on a thread; a free port if taken."""
+    from mildnet.ui.app import UIConfig, create_app
+    from mildnet.ui.server import PageServer
+
+    app = create_app(UIConfig(urls=[triton_url], index=index_file))
+    try:
+        return PageServer(app, port=port).start()
+    except RuntimeError:
+        return PageServer(app, port=0).start()
+
+
+def wait_for_ctrl_c(message: str) -> None:
+    print(f"\n{message}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping the search page and Triton")
 
 
 def stop_server(server) -> None:

@@ -4,6 +4,10 @@
     locust -f client/locustfile.py --headless -u 8 -r 8 -t 60s --host http://127.0.0.1:8000 \\
         --grpc-host 127.0.0.1:8001 --images path/to/photos --csv out/locust --html out/locust.html
     make loadtest                       # the same, results under bench/results/locust/
+    MILDNET_PAGE_URL=http://127.0.0.1:8090 locust -f client/locustfile.py ...   # + the search page's users
+
+With ``MILDNET_PAGE_URL`` (or ``--page-host``) naming a running search page (``mildnet ui``), a third kind of
+user posts the photos to its ``/api/search`` (the browser's path: web layer + Triton ``similar``).
 
 Half the users speak HTTP, half gRPC; each user owns its own tritonclient client (the HTTP client is not
 thread-safe, and gevent runs every user in one thread). gRPC runs on gevent after
@@ -24,7 +28,7 @@ import grpc.experimental.gevent as grpc_gevent
 grpc_gevent.init_gevent()  # before tritonclient.grpc opens any channel
 
 import numpy as np  # noqa: E402
-from locust import User, between, events, task  # noqa: E402
+from locust import HttpUser, User, between, events, task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "grocery" / "dataset" / "val"
@@ -41,6 +45,8 @@ def _add_options(parser) -> None:
     parser.add_argument("--grpc-host", type=str, env_var="MILDNET_GRPC_URL", default="127.0.0.1:8001",
                         help="Triton gRPC host:port (HTTP uses --host)")
     parser.add_argument("--k", type=int, env_var="MILDNET_LOCUST_K", default=5, help="k for `similar`")
+    parser.add_argument("--page-host", type=str, env_var="MILDNET_PAGE_URL", default="",
+                        help="the search page's base URL (mildnet ui); its users run only when this is set")
 
 
 @events.init.add_listener
@@ -141,9 +147,33 @@ class GrpcTritonUser(_TritonUser):
         return mod.InferenceServerClient(self.environment.parsed_options.grpc_host)
 
 
+class PageUser(HttpUser):
+    """The search page's search endpoint: the photo's bytes as the body, the hits back as JSON."""
+
+    abstract = not os.environ.get("MILDNET_PAGE_URL")  # only against a page that runs
+    wait_time = between(0.0, 0.05)
+
+    def on_start(self) -> None:
+        opts = self.environment.parsed_options
+        self.search_url = f"{(opts.page_host or os.environ['MILDNET_PAGE_URL']).rstrip('/')}/api/search?k={opts.k}"
+
+    @task
+    def page_search(self) -> None:
+        with self.client.post(self.search_url, data=random.choice(_images), name="page /api/search",
+                              headers={"Content-Type": "image/jpeg"}, catch_response=True) as r:
+            try:
+                hits = r.json()["hits"] if r.status_code == 200 else None
+            except ValueError:
+                hits = None
+            if not hits:
+                r.failure(f"page search: HTTP {r.status_code}: {r.text[:300]}")
+
+
 if os.environ.get("MILDNET_LOCUST_PROTOCOLS"):  # e.g. "http" to run one protocol only
     _wanted = {p.strip().lower() for p in os.environ["MILDNET_LOCUST_PROTOCOLS"].split(",")}
     if "http" not in _wanted:
         HttpTritonUser.abstract = True
     if "grpc" not in _wanted:
         GrpcTritonUser.abstract = True
+    if "page" not in _wanted:
+        PageUser.abstract = True

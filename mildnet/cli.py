@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("mildnet.evaluate", "triplet accuracy, retrieval metrics and a results page"),
     "export": ("mildnet.export", "export a checkpoint into a Triton model repository"),
     "serve": ("mildnet.serve", "start Triton Inference Server on a model repository"),
+    "ui": ("mildnet.ui.cli", "the search page (a web app) in front of a running Triton server"),
 }
 
 

@@ -164,6 +164,7 @@ def test_demo_end_to_end_on_a_slice(tmp_path, grocery_root):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=540, cwd=ROOT)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "=== summary" in r.stdout and "stop Triton" in r.stdout
+    assert "search page: http://127.0.0.1:" in r.stdout  # the page ran while the demo did (--ui keeps it)
 
     summary = json.loads((work / "summary.json").read_text())
     page = (work / "results.html").read_text()
