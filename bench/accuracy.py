@@ -159,11 +159,14 @@ def main() -> int:
     saved = torch.load(stash, weights_only=True) if stash.is_file() else None
     if saved is not None and json.loads(saved["key"]) == key:
         pooled, view_table, pool_seconds = saved["pooled"], saved["views"], float(saved["seconds"])
+        pool_load = saved.get("load_average", "not recorded")
     else:
         pooled = pool_items(taps_model, items, args.image_cache, progress=True)
         view_table = pool_views(taps_model, items, shop, n_views, seed=args.seed)  # (V, len(shop), F)
         pool_seconds = round(time.time() - t0, 1)
-        torch.save({"key": json.dumps(key), "pooled": pooled, "views": view_table, "seconds": pool_seconds}, stash)
+        pool_load = f"{load_start[0]:.1f} to {os.getloadavg()[0]:.1f}"
+        torch.save({"key": json.dumps(key), "pooled": pooled, "views": view_table, "seconds": pool_seconds,
+                    "load_average": pool_load}, stash)
     views = dict(zip(shop, view_table.unbind(1)))
     zero_shot = _embed_zero_shot(args.zero_shot, pooled, taps_model, args.input_size)
     result = {"benchmark": "accuracy", "dataset": "Grocery Store (train + val photos, 81 catalogue images)",
@@ -175,7 +178,7 @@ def main() -> int:
               "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(),
                           "load_average_start": load_start},
               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "pool_seconds": pool_seconds, "study": {}, "schemes": {}}
+              "pool_seconds": pool_seconds, "pool_load_average": pool_load, "study": {}, "schemes": {}}
 
     def save() -> None:
         result["machine"]["load_average_end"] = os.getloadavg()
