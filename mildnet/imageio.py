@@ -21,6 +21,17 @@ from .spec import PreprocessSpec
 MAX_BYTES = 50 * 1024 * 1024  # 50 MiB of encoded image
 MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; decoded RGB would be 120 MB
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+# The decode budget: estimated peak bytes of decoding one image (pixels x DECODE_BYTES_PER_PIXEL of its mode,
+# read from the header before anything is decoded), and the total for all images of one request. A pixel cap
+# alone let a 77 KB 16-bit PNG of 6300 x 6300 cost 1 GB and 3 s.
+MAX_DECODE_BYTES = 256 * 1024 * 1024
+MAX_REQUEST_DECODE_BYTES = 3 * MAX_DECODE_BYTES
+# Bytes per pixel held at the peak of decode + conversion to 8-bit RGB (:func:`_to_rgb`), by PIL mode: the
+# decoded image, the intermediates of its conversion and the RGB result. Measured paths, rounded up.
+DECODE_BYTES_PER_PIXEL = {"1": 4, "L": 4, "P": 8, "RGB": 6, "YCbCr": 6, "LAB": 6, "HSV": 6, "CMYK": 7,
+                          "RGBA": 19, "RGBa": 19, "LA": 19, "La": 19, "PA": 19, "I;16": 22, "I;16B": 22,
+                          "I;16L": 22, "I;16N": 22, "I": 28, "F": 28}
+DEFAULT_DECODE_BYTES_PER_PIXEL = 28  # a mode not listed: assume the dearest path
 
 ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
@@ -29,12 +40,36 @@ class ImageDecodeError(ValueError):
     """An input could not be turned into an image; the message says why."""
 
 
+class DecodeBudget:
+    """What the images of one request may cost to decode, together (``MAX_REQUEST_DECODE_BYTES``)."""
+
+    def __init__(self, total: int = MAX_REQUEST_DECODE_BYTES):
+        self.total = total
+        self.left = total
+
+    def charge(self, cost: int, label: str) -> None:
+        if cost > self.left:
+            raise ImageDecodeError(f"{label}: the request's images would take more than {self.total >> 20} MiB "
+                                   f"to decode together (this one ~{cost >> 20} MiB, {self.left >> 20} MiB "
+                                   "left); send fewer or smaller images per request")
+        self.left -= cost
+
+
+def decode_cost(size: tuple[int, int], mode: str) -> int:
+    """Estimated peak bytes of decoding an image of ``size`` and PIL ``mode`` to 8-bit RGB."""
+    return size[0] * size[1] * DECODE_BYTES_PER_PIXEL.get(mode, DEFAULT_DECODE_BYTES_PER_PIXEL)
+
+
 def decode_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES,
-                 name: str | None = None) -> Image.Image:
+                 max_decode_bytes: int = MAX_DECODE_BYTES, budget: DecodeBudget | None = None,
+                 min_size: int | None = None, name: str | None = None) -> Image.Image:
     """Decode encoded bytes (or a file path) into an 8-bit RGB PIL image, refusing anything unsafe.
 
     Raises :class:`ImageDecodeError` naming the problem (empty, too large, not an image, corrupt, too many
-    pixels, ...). ``name`` is used in messages (e.g. a catalogue row).
+    pixels, over the decode budget, ...). ``name`` is used in messages (e.g. a catalogue row).
+    ``min_size``: the caller needs no more than a short side of this many pixels, so a big JPEG is decoded at
+    a reduced scale (1/2, 1/4 or 1/8, Pillow's draft mode: the DCT does the downscaling) that keeps both sides
+    at least ``min_size``. ``budget``: the request's :class:`DecodeBudget`, charged with this image's cost.
     """
     label = name
     if isinstance(source, (str, os.PathLike)):
@@ -75,6 +110,14 @@ def decode_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes
     if w * h > max_pixels:
         raise ImageDecodeError(f"{label}: {w}x{h} = {w * h} pixels, more than the {max_pixels} allowed "
                                "(possible decompression bomb)")
+    if min_size and img.format in ("JPEG", "MPO") and min(w, h) >= 2 * min_size:
+        img.draft(img.mode, (min_size, min_size))  # still from the header: sets the scale the decoder uses
+    cost = decode_cost(img.size, img.mode)
+    if cost > max_decode_bytes:
+        raise ImageDecodeError(f"{label}: {img.size[0]}x{img.size[1]} {img.mode} would take ~{cost >> 20} MiB to "
+                               f"decode, more than the {max_decode_bytes >> 20} MiB allowed")
+    if budget is not None:
+        budget.charge(cost, label)
     try:
         img.seek(0)  # animated GIF/WebP: the first frame
         img.load()
@@ -142,6 +185,12 @@ def image_to_tensor(img: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
     return ((x / 255.0 - mean) / std).contiguous()
 
 
+def needed_size(spec: PreprocessSpec) -> int:
+    """The smallest short side :func:`image_to_tensor` can use without upscaling (draft-mode JPEG decoding)."""
+    return max(spec.input_size, spec.resize_size or 0)
+
+
 def preprocess(source: ImageSource, spec: PreprocessSpec, **kw) -> torch.Tensor:
     """Bytes or path -> model input ``Tensor[3, S, S]``: :func:`decode_image` then :func:`image_to_tensor`."""
+    kw.setdefault("min_size", needed_size(spec))
     return image_to_tensor(decode_image(source, **kw), spec)

@@ -34,6 +34,11 @@ class ModelNotReady(RuntimeError):
     """The server answers but the model is not loaded (not exported yet, failed to load, or loading)."""
 
 
+class ServerSideError(RuntimeError):
+    """The server failed a request for a reason of its own (its index is unusable, an internal error): HTTP 500 /
+    gRPC INTERNAL. Not the request's fault: retrying it elsewhere, or after the server is fixed, can work."""
+
+
 class RemoteInferenceError(ValueError):
     """The server refused one request (bad image, bad k, ...); ``index`` is its position in the call, if any."""
 
@@ -80,7 +85,7 @@ _NOT_READY = ("is not found", "unknown model", "is not ready", "no version is av
 
 def _classify(exc: Exception, url: str, model: str, index: int | None = None) -> Exception:
     """A tritonclient / socket exception -> one of this module's clear errors."""
-    if isinstance(exc, (ServerUnavailable, ModelNotReady, RemoteInferenceError)):
+    if isinstance(exc, (ServerUnavailable, ModelNotReady, RemoteInferenceError, ServerSideError)):
         return exc
     text = str(exc.message() if callable(getattr(exc, "message", None)) else exc) or type(exc).__name__
     low = f"{type(exc).__name__}: {text}".lower()
@@ -89,6 +94,9 @@ def _classify(exc: Exception, url: str, model: str, index: int | None = None) ->
     if any(s in low for s in _NOT_READY) and "ensemble" not in low:
         return ModelNotReady(f"model {model!r} is not ready on {url}: {text}")
     where = f"image {index}: " if index is not None else ""
+    status = str(exc.status() if callable(getattr(exc, "status", None)) else "")
+    if status in ("500", "StatusCode.INTERNAL"):
+        return ServerSideError(f"{where}the server failed at {url}: {text}")
     return RemoteInferenceError(f"{where}{text}", index)  # incl. overload: "exceeds maximum queue size"
 
 
