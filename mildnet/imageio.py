@@ -25,13 +25,15 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 # read from the header before anything is decoded), and the total for all images of one request. A pixel cap
 # alone let a 77 KB 16-bit PNG of 6300 x 6300 cost 1 GB and 3 s.
 MAX_DECODE_BYTES = 256 * 1024 * 1024
-MAX_REQUEST_DECODE_BYTES = 3 * MAX_DECODE_BYTES
+# Time follows the same count (~100 MB of it a second on one busy core here), so one total bounds both.
+MAX_REQUEST_DECODE_BYTES = MAX_DECODE_BYTES
 # Bytes per pixel held at the peak of decode + conversion to 8-bit RGB (:func:`_to_rgb`), by PIL mode: the
-# decoded image, the intermediates of its conversion and the RGB result. Measured paths, rounded up.
-DECODE_BYTES_PER_PIXEL = {"1": 4, "L": 4, "P": 8, "RGB": 6, "YCbCr": 6, "LAB": 6, "HSV": 6, "CMYK": 7,
-                          "RGBA": 19, "RGBa": 19, "LA": 19, "La": 19, "PA": 19, "I;16": 22, "I;16B": 22,
-                          "I;16L": 22, "I;16N": 22, "I": 28, "F": 28}
-DEFAULT_DECODE_BYTES_PER_PIXEL = 28  # a mode not listed: assume the dearest path
+# decoded image, the intermediates of its conversion and the RGB result. Peak RSS of decoding 3000 x 3000 PNGs
+# (2026-11-30: RGB 8.0, L 5.7, P 9.5, RGBA 20.0, LA 20.0, I;16 30.1), rounded up; the rest by analogy.
+DECODE_BYTES_PER_PIXEL = {"1": 6, "L": 6, "P": 10, "RGB": 8, "YCbCr": 8, "LAB": 8, "HSV": 8, "CMYK": 10,
+                          "RGBA": 21, "RGBa": 21, "LA": 21, "La": 21, "PA": 21, "I;16": 31, "I;16B": 31,
+                          "I;16L": 31, "I;16N": 31, "I": 40, "F": 40}
+DEFAULT_DECODE_BYTES_PER_PIXEL = 40  # a mode not listed: assume the dearest path
 
 ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
@@ -40,37 +42,56 @@ class ImageDecodeError(ValueError):
     """An input could not be turned into an image; the message says why."""
 
 
-class DecodeBudget:
-    """What the images of one request may cost to decode, together (``MAX_REQUEST_DECODE_BYTES``)."""
-
-    def __init__(self, total: int = MAX_REQUEST_DECODE_BYTES):
-        self.total = total
-        self.left = total
-
-    def charge(self, cost: int, label: str) -> None:
-        if cost > self.left:
-            raise ImageDecodeError(f"{label}: the request's images would take more than {self.total >> 20} MiB "
-                                   f"to decode together (this one ~{cost >> 20} MiB, {self.left >> 20} MiB "
-                                   "left); send fewer or smaller images per request")
-        self.left -= cost
-
-
 def decode_cost(size: tuple[int, int], mode: str) -> int:
     """Estimated peak bytes of decoding an image of ``size`` and PIL ``mode`` to 8-bit RGB."""
     return size[0] * size[1] * DECODE_BYTES_PER_PIXEL.get(mode, DEFAULT_DECODE_BYTES_PER_PIXEL)
 
 
 def decode_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES,
-                 max_decode_bytes: int = MAX_DECODE_BYTES, budget: DecodeBudget | None = None,
-                 min_size: int | None = None, name: str | None = None) -> Image.Image:
+                 max_decode_bytes: int = MAX_DECODE_BYTES, min_size: int | None = None,
+                 name: str | None = None) -> Image.Image:
     """Decode encoded bytes (or a file path) into an 8-bit RGB PIL image, refusing anything unsafe.
 
     Raises :class:`ImageDecodeError` naming the problem (empty, too large, not an image, corrupt, too many
     pixels, over the decode budget, ...). ``name`` is used in messages (e.g. a catalogue row).
     ``min_size``: the caller needs no more than a short side of this many pixels, so a big JPEG is decoded at
     a reduced scale (1/2, 1/4 or 1/8, Pillow's draft mode: the DCT does the downscaling) that keeps both sides
-    at least ``min_size``. ``budget``: the request's :class:`DecodeBudget`, charged with this image's cost.
+    at least ``min_size``.
     """
+    img, label = open_image(source, max_pixels=max_pixels, max_bytes=max_bytes,
+                            max_decode_bytes=max_decode_bytes, min_size=min_size, name=name)
+    try:
+        img.seek(0)  # animated GIF/WebP: the first frame
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except Exception as e:
+        raise ImageDecodeError(f"{label}: corrupt or truncated {img.format} ({type(e).__name__}: {e})") from None
+
+
+def check_request(sources: list[ImageSource], *, min_size: int | None = None,
+                  total: int = MAX_REQUEST_DECODE_BYTES, names: list[str] | None = None) -> None:
+    """Refuse, from the headers alone and before anything is decoded, a request whose images would together
+    take more than ``total`` bytes to decode (each image is also checked on its own, as :func:`decode_image`
+    will). Raises :class:`ImageDecodeError` naming the image that goes over."""
+    spent = 0
+    for n, source in enumerate(sources):
+        name = names[n] if names else f"image {n}"
+        img, label = open_image(source, min_size=min_size, name=name)
+        spent += decode_cost(img.size, img.mode)
+        img.close()
+        if spent > total:
+            raise ImageDecodeError(f"{label}: the request's images would take ~{spent >> 20} MiB to decode "
+                                   f"together, more than the {total >> 20} MiB allowed; send fewer or smaller "
+                                   "images per request")
+
+
+def open_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES,
+               max_decode_bytes: int = MAX_DECODE_BYTES, min_size: int | None = None,
+               name: str | None = None) -> tuple[Image.Image, str]:
+    """The checks of :func:`decode_image` that need only the header: (the opened, undecoded image, its label)."""
     label = name
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -116,17 +137,7 @@ def decode_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes
     if cost > max_decode_bytes:
         raise ImageDecodeError(f"{label}: {img.size[0]}x{img.size[1]} {img.mode} would take ~{cost >> 20} MiB to "
                                f"decode, more than the {max_decode_bytes >> 20} MiB allowed")
-    if budget is not None:
-        budget.charge(cost, label)
-    try:
-        img.seek(0)  # animated GIF/WebP: the first frame
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
-    except ImageDecodeError:
-        raise
-    except Exception as e:
-        raise ImageDecodeError(f"{label}: corrupt or truncated {img.format} ({type(e).__name__}: {e})") from None
+    return img, label
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

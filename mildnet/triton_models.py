@@ -144,10 +144,14 @@ def degenerate_embedding(vectors) -> str | None:
     return None
 
 
-def _decode_one(data: bytes, spec, label: str, budget):
-    from .imageio import preprocess
+def _decode_request(rows: list[bytes], spec) -> list:
+    """One request's images -> pixel tensors; the request's decode budget is checked from the headers first.
+    Raises ImageDecodeError (a ValueError) naming the image and the problem."""
+    from .imageio import check_request, needed_size, preprocess
 
-    return preprocess(data, spec, name=label, budget=budget)  # ImageDecodeError says why
+    labels = [f"image {j}" if len(rows) > 1 else "image" for j in range(len(rows))]
+    check_request(rows, min_size=needed_size(spec), names=labels)
+    return [preprocess(b, spec, name=label) for b, label in zip(rows, labels)]
 
 
 def _to_torch(pb_utils, tensor):
@@ -184,6 +188,8 @@ class EmbedderModel:
         self.model = model.to(self.device).eval()
         s = self.info.spec.input_size
         self.input_shape = (3, s, s)
+        lo, hi = self.info.spec.pixel_range()
+        self.pixel_bounds = (lo - (hi - lo), hi + (hi - lo))  # generous: augmented or resampled pixels overshoot
 
     def _check(self, x) -> str | None:
         """None if ``x`` (a torch tensor) is a valid PIXELS batch, else the reason."""
@@ -197,6 +203,11 @@ class EmbedderModel:
         if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             return f"PIXELS holds {bad} NaN or infinite value(s); send finite, normalised pixels"
+        lo, hi = self.pixel_bounds
+        if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
+            # Far outside what a real image normalises to (e.g. 1e38): activations overflow into a zero vector
+            return (f"PIXELS values must lie within [{lo:.3g}, {hi:.3g}] (pixels normalised with the model's "
+                    f"spec.json), got [{float(x.min()):.3g}, {float(x.max()):.3g}]")
         return None
 
     @_guarded
@@ -258,17 +269,13 @@ class PreprocessModel:
     def execute(self, requests: list) -> list:
         import torch
 
-        from .imageio import DecodeBudget
-
         pb = self.pb
         responses = []
         spec = self.spec_source.get().spec
         for request in requests:
             rows = _bytes_rows(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy())
-            budget = DecodeBudget()  # one per request: its images together
             try:
-                pixels = torch.stack([_decode_one(b, spec, f"image {j}" if len(rows) > 1 else "image", budget)
-                                      for j, b in enumerate(rows)])  # (n, 3, S, S)
+                pixels = torch.stack(_decode_request(rows, spec))  # (n, 3, S, S)
             except ValueError as e:  # ImageDecodeError: this request only
                 responses.append(_error(pb, str(e)))
                 continue
@@ -407,7 +414,6 @@ class SimilarModel:
 
     def _parse(self, request, index, spec) -> tuple[list, int, list]:
         """One request -> (pixel tensors, k, filters); raises ValueError naming the problem."""
-        from .imageio import DecodeBudget
         from .index import check_k
 
         pb = self.pb
@@ -422,9 +428,7 @@ class SimilarModel:
         raw_filters = _bytes_rows(ftensor.as_numpy()) if ftensor is not None else [None] * len(images)
         allowed = _filter_keys(index)
         filters = [parse_filter(f, allowed) for f in raw_filters]
-        budget = DecodeBudget()
-        pixels = [_decode_one(b, spec, f"image {j}" if len(images) > 1 else "image", budget)
-                  for j, b in enumerate(images)]
+        pixels = _decode_request(images, spec)
         return pixels, k, filters
 
     @_guarded
