@@ -272,3 +272,14 @@ def test_locust_run_always_ends(triton_server, grocery_photos, tmp_path):
     assert time.monotonic() - start < 150
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert sum(s["num_requests"] for s in stats) > 0 and sum(s["num_failures"] for s in stats) == 0
+
+
+def test_query_hit_rows_join_relative_paths_to_images_root(tmp_path):
+    sys.path.insert(0, str(ROOT / "client"))
+    import query
+
+    from mildnet.index import Hit
+
+    hits = [Hit("a", 0.9, {"path": "shoes/1.jpg", "category": "shoes"}), Hit("b", 0.5, {"path": "/abs/2.jpg"})]
+    assert [r["path"] for r in query.hit_rows(hits)] == ["shoes/1.jpg", "/abs/2.jpg"]
+    assert [r["path"] for r in query.hit_rows(hits, tmp_path)] == [str(tmp_path / "shoes/1.jpg"), "/abs/2.jpg"]
