@@ -302,8 +302,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                code = self.process.returncode
-                self.process = None
+                code = self.stop()  # its stubs and shared memory too: a supervisor may try again at once
                 raise ServerStartError(f"tritonserver exited with code {code} before it was ready "
                                        f"(log {self.log_file}):\n{_log_tail(self.log_file)}")
             if self.is_ready():
