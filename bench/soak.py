@@ -437,8 +437,17 @@ def plot(result: dict, path: Path) -> None:
     ax[2].set_xlabel("time (s)")
     ax[2].legend()
     s = result["settings"]
-    fig.suptitle(f"soak: {s['rate']} req/s for {s['duration']} s ({result['summary']['failures']} failures, "
-                 f"RSS growth {100 * (result['summary']['rss_growth_after_warmup'] or 0):.1f}%)")
+    attack = result.get("attack")
+    if attack:  # shade the restart windows: failures inside them are the crash's, outside they are lost requests
+        for a, b in attack["restart_windows"]:
+            for axis in ax:
+                axis.axvspan(a, b, color="orange", alpha=0.15, lw=0)
+        fig.suptitle(f"attack soak: {s['rate']} req/s for {s['duration']:.0f} s, {100 * s['attack_fraction']:.0f} % "
+                     f"attacks, {attack['restarts']} restarts (shaded)\n{attack['good_failed']} good requests failed, "
+                     f"{attack['good_failed_outside_restart_windows']} outside restart windows")
+    else:
+        fig.suptitle(f"soak: {s['rate']} req/s for {s['duration']} s ({result['summary']['failures']} failures, "
+                     f"RSS growth {100 * (result['summary']['rss_growth_after_warmup'] or 0):.1f}%)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
