@@ -183,6 +183,25 @@ def remove_shm_regions(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
     return sorted(removed)
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, from /proc."""
+    members = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return members
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+            except (OSError, IndexError):
+                continue
+            if len(fields) > 2 and fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+                members.append(int(entry))
+    return members
+
+
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
@@ -361,13 +380,10 @@ class TritonServer:
 
     @staticmethod
     def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
-        """Stubs die from the SIGKILL a moment later; wait so no stub is still mapping the regions we remove."""
+        """Stubs die from the SIGKILL a moment later; wait so no stub is still mapping the regions we remove.
+        Zombies count as gone: in a container nobody may ever reap them."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except (ProcessLookupError, PermissionError):
-                return
+        while time.monotonic() < deadline and _group_members(pgid):
             time.sleep(0.05)
 
     def __enter__(self) -> "TritonServer":
