@@ -283,3 +283,33 @@ def test_query_hit_rows_join_relative_paths_to_images_root(tmp_path):
     hits = [Hit("a", 0.9, {"path": "shoes/1.jpg", "category": "shoes"}), Hit("b", 0.5, {"path": "/abs/2.jpg"})]
     assert [r["path"] for r in query.hit_rows(hits)] == ["shoes/1.jpg", "/abs/2.jpg"]
     assert [r["path"] for r in query.hit_rows(hits, tmp_path)] == [str(tmp_path / "shoes/1.jpg"), "/abs/2.jpg"]
+
+
+@pytest.mark.server
+def test_index_script_indexes_a_nested_folder_and_reports_the_rest(triton_server, grocery_photos, tmp_path):
+    """client/index.py on a folder with images one, two and three levels deep: every image is indexed, every
+    other file reported with its reason, and the served metadata names paths relative to the root."""
+    from mildnet.index import load_index
+
+    root = tmp_path / "shop"
+    places = ["Juice/a.jpg", "Fruit/Banana/b.jpg", "Fruit/Apple/Golden-Delicious/c.jpg",
+              "Fruit/Apple/Golden-Delicious/d.jpg", "Fruit/Apple/Pink-Lady/e.jpg"]
+    for rel, photo in zip(places, grocery_photos):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(photo.read_bytes())
+    (root / "Fruit" / "prices.csv").write_text("a,1\n")
+    out = tmp_path / "shop.mindex"
+    r = subprocess.run([sys.executable, str(ROOT / "client" / "index.py"), str(root), "--out", str(out),
+                        "--url", triton_server.http_url, "--json", "--no-progress"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)
+    assert stats["items"] == len(places) and stats["skipped"] == []
+    assert stats["not_catalogued"] == [{"path": "Fruit/prices.csv",
+                                        "reason": stats["not_catalogued"][0]["reason"]}]
+    assert "not an image file name" in stats["not_catalogued"][0]["reason"]
+    index = load_index(out)
+    assert sorted(index.ids()) == sorted(places)
+    metas = {i: index.get(i)[1] for i in places}
+    assert all(m["path"] == i for i, m in metas.items()) and str(tmp_path) not in json.dumps(metas)
+    assert metas["Fruit/Apple/Golden-Delicious/c.jpg"]["item_id"] == "Apple/Golden-Delicious"
