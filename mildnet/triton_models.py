@@ -188,8 +188,10 @@ class EmbedderModel:
         self.model = model.to(self.device).eval()
         s = self.info.spec.input_size
         self.input_shape = (3, s, s)
+        # Generous (100 widths of a real image's range on each side): random or augmented test pixels pass; what
+        # overflows the network (1e38) does not.
         lo, hi = self.info.spec.pixel_range()
-        self.pixel_bounds = (lo - (hi - lo), hi + (hi - lo))  # generous: augmented or resampled pixels overshoot
+        self.pixel_bounds = (lo - 100 * (hi - lo), hi + 100 * (hi - lo))
 
     def _check(self, x) -> str | None:
         """None if ``x`` (a torch tensor) is a valid PIXELS batch, else the reason."""

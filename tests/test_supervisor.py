@@ -104,12 +104,14 @@ def test_supervise_restarts_with_backoff_until_stopped():
 
 # -- a real `mildnet serve` ----------------------------------------------------------------------------------------
 def _ready(port: int) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:  # closed each time: an open connection makes Triton wait out its exit timeout at SIGTERM
         conn.request("GET", "/v2/health/ready")
         return conn.getresponse().status == 200
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return False
+    finally:
+        conn.close()
 
 
 def _wait(predicate, timeout: float, what: str) -> float:
@@ -146,22 +148,32 @@ def _regions(prefix: str) -> list[str]:
 
 def _post(port: int, path: str, body: bytes, content_type: str, headers: dict | None = None) -> tuple[int, bytes]:
     """(status, body), or (0, b"") when the server dropped the connection (it crashed)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("POST", path, body=body, headers={"Content-Type": content_type, **(headers or {})})
         r = conn.getresponse()
         return r.status, r.read()
     except (OSError, http.client.HTTPException):
         return 0, b""
+    finally:
+        conn.close()
 
 
 @pytest.mark.server
 @pytest.mark.slow
 def test_serve_comes_back_after_kill_and_one_request_crashes(served_repository, catalogue_index, grocery_photos,
                                                              tmp_path):
+    import shutil
+
     from mildnet.remote import TritonEmbedder
 
-    repo, _, _ = served_repository
+    # A copy holding only the version the session's index was built with (other tests export newer versions)
+    session_repo, _, info = served_repository
+    repo = tmp_path / "model_repository"
+    shutil.copytree(session_repo, repo)
+    for version in (repo / "mildnet").iterdir():
+        if version.is_dir() and version.name.isdigit() and int(version.name) != int(info["version"]):
+            shutil.rmtree(version)
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     out = open(tmp_path / "serve.out", "wb")
     serve = subprocess.Popen([sys.executable, "-m", "mildnet", "serve", "--repository", str(repo),
