@@ -119,6 +119,7 @@ class TritonEmbedder:
         self._next_url = itertools.count()
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._opened: list = []  # every client any thread made, so close() can close them
 
     # -- plumbing -----------------------------------------------------------------------------------------------
     def _client(self, url: str):
@@ -129,6 +130,8 @@ class TritonEmbedder:
                     url, connection_timeout=self.timeout, network_timeout=self.timeout)
             else:
                 clients[url] = self._client_mod.InferenceServerClient(url)
+            with self._lock:
+                self._opened.append(clients[url])
         return clients[url]
 
     def _pick_url(self) -> str:
@@ -159,10 +162,19 @@ class TritonEmbedder:
             return self._pool
 
     def close(self) -> None:
+        """Stop the worker threads and close every connection (an open one makes Triton wait out its exit
+        timeout when it is stopped)."""
         with self._lock:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+            opened, self._opened = self._opened, []
+            self._local = threading.local()  # used again after close(): fresh clients
+        for client in opened:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
 
     def __enter__(self) -> "TritonEmbedder":
         return self
