@@ -129,7 +129,13 @@ class TritonEmbedder:
                 clients[url] = self._client_mod.InferenceServerClient(
                     url, connection_timeout=self.timeout, network_timeout=self.timeout)
             else:
-                clients[url] = self._client_mod.InferenceServerClient(url)
+                # gRPC's reconnect back-off grows to minutes: cap it so a restarted server is reached within ~1 s
+                # (channel_args replaces tritonclient's own options, hence its message-size limits here too)
+                big = 2**31 - 1
+                clients[url] = self._client_mod.InferenceServerClient(url, channel_args=[
+                    ("grpc.max_send_message_length", big), ("grpc.max_receive_message_length", big),
+                    ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                    ("grpc.max_reconnect_backoff_ms", 1000)])
             with self._lock:
                 self._opened.append(clients[url])
         return clients[url]
