@@ -303,13 +303,15 @@ def main(argv: list[str] | None = None) -> int:
             n = delete_items(args.out, args.delete)
             print(f"removed {n} item(s) from {args.out}")
             return EXIT_OK
-        entries = index_entries(args.catalogue, args.root, args.allow_outside_root)
+        unindexed: list[tuple[str, str]] = []  # files of a folder catalogue that are not images of it
+        entries = index_entries(args.catalogue, args.root, args.allow_outside_root, skipped=unindexed)
         params = {"uri": args.milvus_uri, "collection": args.collection} if args.backend == "milvus" else {}
         with remote.TritonEmbedder(args.urls, protocol=args.protocol, concurrency=args.concurrency) as embedder:
             stats = build_index(entries, args.out, embedder, add=args.add, backend=args.backend,
                                 backend_params=params, kind=args.kind, chunk=args.chunk,
                                 checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
-    except (remote.ServerUnavailable, remote.ModelNotReady) as e:
+        stats["not_catalogued"] = [{"path": path, "reason": reason} for path, reason in unindexed]
+    except (remote.ServerUnavailable, remote.ModelNotReady, remote.ServerSideError) as e:
         print(f"index.py: server problem: {e}\n(progress so far is kept; rerun the same command to resume)",
               file=sys.stderr)
         return EXIT_SERVER
@@ -323,10 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(stats, indent=2))
     else:
         print(f"{args.out}: {stats['items']} items (embedded {stats['embedded']}, recovered "
-              f"{stats['recovered']}, skipped {len(stats['skipped'])}) with {stats['model_version']} "
+              f"{stats['recovered']}, skipped {len(stats['skipped'])}, not indexed "
+              f"{len(stats['not_catalogued'])}) with {stats['model_version']} "
               f"in {stats['seconds']} s" + (f", {stats['images_per_s']} images/s" if stats['images_per_s'] else ""))
         for item_id in stats["skipped"]:
             print(f"  skipped (bad image): {item_id}", file=sys.stderr)
+        for row in stats["not_catalogued"]:
+            print(f"  not indexed: {row['path']}: {row['reason']}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,31 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "grocery" / "dataset" / "val"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _images: list[bytes] = []
+# After locust's last step, how long a normal exit may take before it is forced.
+EXIT_GRACE_SECS = float(os.environ.get("MILDNET_LOCUST_EXIT_GRACE", "10"))
+
+
+@events.quit.add_listener
+def _exit_for_sure(exit_code: int, **_kw) -> None:
+    """Locust has printed and written its results; make sure the process then ends. About 1 run in 3 hung here
+    (gRPC's gevent integration at interpreter exit), ignoring SIGTERM because gevent's signal handler never ran.
+    A plain OS thread (not a greenlet) ends the process with locust's exit code if it is still alive after
+    EXIT_GRACE_SECS."""
+    from gevent import monkey
+
+    start_thread = monkey.get_original("_thread", "start_new_thread")
+    real_sleep = monkey.get_original("time", "sleep")
+
+    def watchdog() -> None:
+        real_sleep(EXIT_GRACE_SECS)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
+        os._exit(exit_code)
+
+    start_thread(watchdog, ())
 
 
 @events.init_command_line_parser.add_listener

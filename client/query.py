@@ -8,7 +8,9 @@
 By default the server does everything (Triton ``similar``: embed + search its index). With ``--index`` the
 server only embeds (``mildnet_ensemble``) and the search runs here, on a local index file of the same model
 version. ``--filter KEY=VALUE`` (repeatable) keeps items whose metadata equals VALUE (a string;
-``KEY:=JSON`` for numbers/booleans). Exit codes: 0 ok, 1 bad input, 3 server down or model not ready.
+``KEY:=JSON`` for numbers/booleans). Hits name their image relative to the catalogue root; ``--images DIR``
+(that root, here) finds them for the thumbnails of ``--html``/``--png``. Exit codes: 0 ok, 1 bad input,
+3 a server-side problem (down, model not ready, its index unusable, an internal error).
 """
 from __future__ import annotations
 
@@ -72,11 +74,14 @@ def search(image: bytes, k: int, filter: dict | None, urls: list[str], protocol:
 
 
 # ---- output ---------------------------------------------------------------------------------------------------
-def hit_rows(hits: Sequence[Hit]) -> list[dict[str, Any]]:
+def hit_rows(hits: Sequence[Hit], images: Path | None = None) -> list[dict[str, Any]]:
+    """Hits -> printable rows; a catalogue-relative ``path`` is joined to ``images`` when given."""
     rows = []
     for rank, h in enumerate(hits, 1):
         meta = dict(h.metadata)
-        path = meta.pop("path", "")
+        path = str(meta.pop("path", ""))
+        if path and images is not None and not Path(path).is_absolute():
+            path = str(images / path)
         rows.append({"rank": rank, "id": h.id, "score": round(float(h.score), 4), "path": path, "metadata": meta})
     return rows
 
@@ -180,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default localhost:8000, or localhost:8001 with --protocol grpc)")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
     p.add_argument("--index", type=Path, help="search this local index file instead of the server's")
+    p.add_argument("--images", type=Path, metavar="DIR",
+                   help="the catalogue root here: hits' relative image paths are under it (for thumbnails)")
     args = p.parse_args(argv)
     if args.k < 1:
         p.error("--k must be >= 1")
@@ -191,7 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mildnet.remote import ModelNotReady, ServerUnavailable
+    from mildnet.remote import ModelNotReady, ServerSideError, ServerUnavailable
 
     try:
         filter = parse_filter(args.filter)
@@ -200,13 +207,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.image}: no such image file")
         decode_image(query_bytes, name=str(args.image))  # a clear local message beats a server error
         hits = search(query_bytes, args.k, filter, args.urls, args.protocol, args.index)
-        rows = hit_rows(hits)
+        rows = hit_rows(hits, args.images)
         title = f"{args.image.name}: top {args.k}" + (f" where {filter}" if filter else "")
         if args.html:
             write_html(args.html, args.image, query_bytes, rows, title)
         if args.png:
             write_png(args.png, query_bytes, rows)
-    except (ServerUnavailable, ModelNotReady) as e:
+    except (ServerUnavailable, ModelNotReady, ServerSideError) as e:
         print(f"query.py: server problem: {e}", file=sys.stderr)
         return EXIT_SERVER
     except (ImageDecodeError, IndexFileError, ValueError, OSError, RuntimeError) as e:

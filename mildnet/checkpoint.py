@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,15 @@ def read_checkpoint(path: str | os.PathLike, *, expect_variant: str | None = Non
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message opens with advice to retry with weights_only=False, i.e. to run the file's code: keep
+        # only its diagnosis ("Trying to load unsupported GLOBAL posix.mkdir ...").
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "unsupported" in ln.lower() or "global" in ln.lower()),
+                   lines[-1] if lines else "")
+        raise CheckpointError(f"{path}: not a loadable checkpoint: it holds Python objects that a safe load "
+                              f"(weights_only=True) refuses to run ({why[:200]}); do not load it with "
+                              "weights_only=False unless you trust its source") from None
     except Exception as e:
         raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

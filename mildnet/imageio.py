@@ -21,6 +21,19 @@ from .spec import PreprocessSpec
 MAX_BYTES = 50 * 1024 * 1024  # 50 MiB of encoded image
 MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; decoded RGB would be 120 MB
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+# The decode budget: estimated peak bytes of decoding one image (pixels x DECODE_BYTES_PER_PIXEL of its mode,
+# read from the header before anything is decoded), and the total for all images of one request. A pixel cap
+# alone let a 77 KB 16-bit PNG of 6300 x 6300 cost 1 GB and 3 s.
+MAX_DECODE_BYTES = 256 * 1024 * 1024
+# Time follows the same count (~100 MB of it a second on one busy core here), so one total bounds both.
+MAX_REQUEST_DECODE_BYTES = MAX_DECODE_BYTES
+# Bytes per pixel held at the peak of decode + conversion to 8-bit RGB (:func:`_to_rgb`), by PIL mode: the
+# decoded image, the intermediates of its conversion and the RGB result. Peak RSS of decoding 3000 x 3000 PNGs
+# (2026-11-30: RGB 8.0, L 5.7, P 9.5, RGBA 20.0, LA 20.0, I;16 30.1), rounded up; the rest by analogy.
+DECODE_BYTES_PER_PIXEL = {"1": 6, "L": 6, "P": 10, "RGB": 8, "YCbCr": 8, "LAB": 8, "HSV": 8, "CMYK": 10,
+                          "RGBA": 21, "RGBa": 21, "LA": 21, "La": 21, "PA": 21, "I;16": 31, "I;16B": 31,
+                          "I;16L": 31, "I;16N": 31, "I": 40, "F": 40}
+DEFAULT_DECODE_BYTES_PER_PIXEL = 40  # a mode not listed: assume the dearest path
 
 ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
@@ -29,13 +42,56 @@ class ImageDecodeError(ValueError):
     """An input could not be turned into an image; the message says why."""
 
 
+def decode_cost(size: tuple[int, int], mode: str) -> int:
+    """Estimated peak bytes of decoding an image of ``size`` and PIL ``mode`` to 8-bit RGB."""
+    return size[0] * size[1] * DECODE_BYTES_PER_PIXEL.get(mode, DEFAULT_DECODE_BYTES_PER_PIXEL)
+
+
 def decode_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES,
+                 max_decode_bytes: int = MAX_DECODE_BYTES, min_size: int | None = None,
                  name: str | None = None) -> Image.Image:
     """Decode encoded bytes (or a file path) into an 8-bit RGB PIL image, refusing anything unsafe.
 
     Raises :class:`ImageDecodeError` naming the problem (empty, too large, not an image, corrupt, too many
-    pixels, ...). ``name`` is used in messages (e.g. a catalogue row).
+    pixels, over the decode budget, ...). ``name`` is used in messages (e.g. a catalogue row).
+    ``min_size``: the caller needs no more than a short side of this many pixels, so a big JPEG is decoded at
+    a reduced scale (1/2, 1/4 or 1/8, Pillow's draft mode: the DCT does the downscaling) that keeps both sides
+    at least ``min_size``.
     """
+    img, label = open_image(source, max_pixels=max_pixels, max_bytes=max_bytes,
+                            max_decode_bytes=max_decode_bytes, min_size=min_size, name=name)
+    try:
+        img.seek(0)  # animated GIF/WebP: the first frame
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except Exception as e:
+        raise ImageDecodeError(f"{label}: corrupt or truncated {img.format} ({type(e).__name__}: {e})") from None
+
+
+def check_request(sources: list[ImageSource], *, min_size: int | None = None,
+                  total: int = MAX_REQUEST_DECODE_BYTES, names: list[str] | None = None) -> None:
+    """Refuse, from the headers alone and before anything is decoded, a request whose images would together
+    take more than ``total`` bytes to decode (each image is also checked on its own, as :func:`decode_image`
+    will). Raises :class:`ImageDecodeError` naming the image that goes over."""
+    spent = 0
+    for n, source in enumerate(sources):
+        name = names[n] if names else f"image {n}"
+        img, label = open_image(source, min_size=min_size, name=name)
+        spent += decode_cost(img.size, img.mode)
+        img.close()
+        if spent > total:
+            raise ImageDecodeError(f"{label}: the request's images would take ~{spent >> 20} MiB to decode "
+                                   f"together, more than the {total >> 20} MiB allowed; send fewer or smaller "
+                                   "images per request")
+
+
+def open_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES,
+               max_decode_bytes: int = MAX_DECODE_BYTES, min_size: int | None = None,
+               name: str | None = None) -> tuple[Image.Image, str]:
+    """The checks of :func:`decode_image` that need only the header: (the opened, undecoded image, its label)."""
     label = name
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -75,15 +131,13 @@ def decode_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes
     if w * h > max_pixels:
         raise ImageDecodeError(f"{label}: {w}x{h} = {w * h} pixels, more than the {max_pixels} allowed "
                                "(possible decompression bomb)")
-    try:
-        img.seek(0)  # animated GIF/WebP: the first frame
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
-    except ImageDecodeError:
-        raise
-    except Exception as e:
-        raise ImageDecodeError(f"{label}: corrupt or truncated {img.format} ({type(e).__name__}: {e})") from None
+    if min_size and img.format in ("JPEG", "MPO") and min(w, h) >= 2 * min_size:
+        img.draft(img.mode, (min_size, min_size))  # still from the header: sets the scale the decoder uses
+    cost = decode_cost(img.size, img.mode)
+    if cost > max_decode_bytes:
+        raise ImageDecodeError(f"{label}: {img.size[0]}x{img.size[1]} {img.mode} would take ~{cost >> 20} MiB to "
+                               f"decode, more than the {max_decode_bytes >> 20} MiB allowed")
+    return img, label
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -142,6 +196,12 @@ def image_to_tensor(img: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
     return ((x / 255.0 - mean) / std).contiguous()
 
 
+def needed_size(spec: PreprocessSpec) -> int:
+    """The smallest short side :func:`image_to_tensor` can use without upscaling (draft-mode JPEG decoding)."""
+    return max(spec.input_size, spec.resize_size or 0)
+
+
 def preprocess(source: ImageSource, spec: PreprocessSpec, **kw) -> torch.Tensor:
     """Bytes or path -> model input ``Tensor[3, S, S]``: :func:`decode_image` then :func:`image_to_tensor`."""
+    kw.setdefault("min_size", needed_size(spec))
     return image_to_tensor(decode_image(source, **kw), spec)

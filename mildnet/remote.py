@@ -34,6 +34,11 @@ class ModelNotReady(RuntimeError):
     """The server answers but the model is not loaded (not exported yet, failed to load, or loading)."""
 
 
+class ServerSideError(RuntimeError):
+    """The server failed a request for a reason of its own (its index is unusable, an internal error): HTTP 500 /
+    gRPC INTERNAL. Not the request's fault: retrying it elsewhere, or after the server is fixed, can work."""
+
+
 class RemoteInferenceError(ValueError):
     """The server refused one request (bad image, bad k, ...); ``index`` is its position in the call, if any."""
 
@@ -80,7 +85,7 @@ _NOT_READY = ("is not found", "unknown model", "is not ready", "no version is av
 
 def _classify(exc: Exception, url: str, model: str, index: int | None = None) -> Exception:
     """A tritonclient / socket exception -> one of this module's clear errors."""
-    if isinstance(exc, (ServerUnavailable, ModelNotReady, RemoteInferenceError)):
+    if isinstance(exc, (ServerUnavailable, ModelNotReady, RemoteInferenceError, ServerSideError)):
         return exc
     text = str(exc.message() if callable(getattr(exc, "message", None)) else exc) or type(exc).__name__
     low = f"{type(exc).__name__}: {text}".lower()
@@ -89,6 +94,9 @@ def _classify(exc: Exception, url: str, model: str, index: int | None = None) ->
     if any(s in low for s in _NOT_READY) and "ensemble" not in low:
         return ModelNotReady(f"model {model!r} is not ready on {url}: {text}")
     where = f"image {index}: " if index is not None else ""
+    status = str(exc.status() if callable(getattr(exc, "status", None)) else "")
+    if status in ("500", "StatusCode.INTERNAL"):
+        return ServerSideError(f"{where}the server failed at {url}: {text}")
     return RemoteInferenceError(f"{where}{text}", index)  # incl. overload: "exceeds maximum queue size"
 
 
@@ -111,6 +119,7 @@ class TritonEmbedder:
         self._next_url = itertools.count()
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._opened: list = []  # every client any thread made, so close() can close them
 
     # -- plumbing -----------------------------------------------------------------------------------------------
     def _client(self, url: str):
@@ -120,7 +129,15 @@ class TritonEmbedder:
                 clients[url] = self._client_mod.InferenceServerClient(
                     url, connection_timeout=self.timeout, network_timeout=self.timeout)
             else:
-                clients[url] = self._client_mod.InferenceServerClient(url)
+                # gRPC's reconnect back-off grows to minutes: cap it so a restarted server is reached within ~1 s
+                # (channel_args replaces tritonclient's own options, hence its message-size limits here too)
+                big = 2**31 - 1
+                clients[url] = self._client_mod.InferenceServerClient(url, channel_args=[
+                    ("grpc.max_send_message_length", big), ("grpc.max_receive_message_length", big),
+                    ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                    ("grpc.max_reconnect_backoff_ms", 1000)])
+            with self._lock:
+                self._opened.append(clients[url])
         return clients[url]
 
     def _pick_url(self) -> str:
@@ -151,10 +168,19 @@ class TritonEmbedder:
             return self._pool
 
     def close(self) -> None:
+        """Stop the worker threads and close every connection (an open one makes Triton wait out its exit
+        timeout when it is stopped)."""
         with self._lock:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+            opened, self._opened = self._opened, []
+            self._local = threading.local()  # used again after close(): fresh clients
+        for client in opened:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
 
     def __enter__(self) -> "TritonEmbedder":
         return self

@@ -10,12 +10,26 @@ can import ``mildnet`` and ``torch``.
         print(server.http_url, server.grpc_url, server.metrics_url)
 
 ``mildnet serve`` is the command-line face: it binds 127.0.0.1 unless ``--host`` says otherwise, prints the
-endpoints and stops the server cleanly on SIGTERM or Ctrl-C.
+endpoints, supervises the server (:func:`supervise`: a crashed or killed tritonserver is logged, its shared
+memory removed and started again with back-off, on the same ports) and stops it cleanly on SIGTERM or Ctrl-C.
+
+Hardening that Triton's own flags allow (see docs/reliability.md):
+
+* each server gets its own Python-backend shared-memory prefix (``shm_prefix``), so the ``/dev/shm`` regions a
+  crashed server leaves behind are removed without touching any other server's;
+* the shared-memory, model-repository, logging and trace APIs are restricted (HTTP and gRPC) behind a key
+  generated per server (``admin_key``, sent as the ``ADMIN_KEY_HEADER`` header; `--http-restricted-api`, `--grpc-restricted-protocol`): registering shared memory
+  that points at a stub's region is a one-request crash of Triton 2.51, so strangers must not reach it.
+
+Triton 2.51 has no request-body limit and crashes (SIGSEGV) on a form-encoded body of 4 MB or more (upstream
+issue #5840); the supervisor brings it back within seconds, and beyond localhost it belongs behind a gateway
+that refuses form-encoded bodies and caps their size.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import site
@@ -34,6 +48,10 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUILD_DIR = PROJECT_ROOT / "build" / "triton"
 LOG_TAIL_LINES = 40
+SHM_DIR = Path("/dev/shm")
+# Triton APIs a client of the similarity service never needs; each is a way to crash or reconfigure the server.
+RESTRICTED_APIS = ("shared-memory", "model-repository", "logging", "trace")
+ADMIN_KEY_HEADER = "mildnet-admin-key"  # lower case: gRPC metadata keys must be
 
 
 class ServerStartError(RuntimeError):
@@ -131,6 +149,59 @@ def _server_env(installation: TritonInstallation) -> dict[str, str]:
     return env
 
 
+def signal_name(returncode: int | None) -> str:
+    """A process exit code as words: ``-9`` -> ``"killed by SIGKILL"``, ``1`` -> ``"exit code 1"``."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def remove_shm_regions(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
+    """Delete the shared-memory files whose name starts with ``prefix``; returns their names.
+
+    Only for a prefix that belongs to a server that is no longer running: its Python stubs' regions are
+    otherwise leaked for good when the server dies without unloading its models (crash, SIGKILL, OOM kill)."""
+    if not prefix or "/" in prefix:
+        raise ValueError(f"not a shared-memory prefix: {prefix!r}")
+    removed = []
+    try:
+        entries = list(shm_dir.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        if path.name.startswith(prefix):
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except FileNotFoundError:
+                pass
+    return sorted(removed)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, from /proc."""
+    members = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return members
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+            except (OSError, IndexError):
+                continue
+            if len(fields) > 2 and fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+                members.append(int(entry))
+    return members
+
+
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
@@ -164,6 +235,10 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.installation: TritonInstallation | None = None
         self.ports: dict[str, int] = {}
+        # Unique per server object (pid + random): the regions of a crashed server are found by this prefix.
+        self.shm_prefix = f"mildnet_{os.getpid()}_{secrets.token_hex(4)}_"
+        self.admin_key = secrets.token_urlsafe(24)  # unlocks RESTRICTED_APIS; never printed
+        self.restarts = 0
 
     # -- endpoints -------------------------------------------------------------------------------------------
     @property
@@ -190,7 +265,10 @@ class TritonServer:
                f"--http-port={self.ports['http']}", f"--grpc-port={self.ports['grpc']}",
                f"--metrics-port={self.ports['metrics']}", f"--model-control-mode={self.model_control_mode}",
                f"--exit-timeout-secs={self.exit_timeout_secs}", f"--log-verbose={self.log_verbose}",
-               "--allow-metrics=true", "--strict-readiness=true"]
+               "--allow-metrics=true", "--strict-readiness=true",
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
+        restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.admin_key}"
+        cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         if self.model_control_mode == "poll":
             cmd.append(f"--repository-poll-secs={self.poll_secs}")
         if self.installation.backend_dir is not None:
@@ -224,6 +302,12 @@ class TritonServer:
                 raise
         return self
 
+    def restart(self, timeout: float = 180.0) -> None:
+        """Stop what is left of the server (process group, shared memory) and launch it again on the same ports."""
+        self.stop()
+        self.restarts += 1
+        self._launch(timeout)
+
     def _launch(self, timeout: float) -> None:
         assert self.installation is not None and self.log_file is not None
         log = open(self.log_file, "ab")
@@ -237,8 +321,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                code = self.process.returncode
-                self.process = None
+                code = self.stop()  # its stubs and shared memory too: a supervisor may try again at once
                 raise ServerStartError(f"tritonserver exited with code {code} before it was ready "
                                        f"(log {self.log_file}):\n{_log_tail(self.log_file)}")
             if self.is_ready():
@@ -290,7 +373,18 @@ class TritonServer:
         except (ProcessLookupError, PermissionError):
             pass  # nothing left
         proc.wait()
+        self._wait_group_gone(proc.pid)
+        # A clean exit unlinks the stubs' regions itself; after a crash or SIGKILL they stay until removed.
+        remove_shm_regions(self.shm_prefix)
         return proc.returncode
+
+    @staticmethod
+    def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+        """Stubs die from the SIGKILL a moment later; wait so no stub is still mapping the regions we remove.
+        Zombies count as gone: in a container nobody may ever reap them."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _group_members(pgid):
+            time.sleep(0.05)
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self
@@ -305,6 +399,60 @@ def _http_ok(url: str) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+# -- supervision -------------------------------------------------------------------------------------------------
+BACKOFF_SECS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # waits before restart n; the last repeats
+STABLE_SECS = 60.0  # a server that ran this long before dying starts the back-off over
+
+
+@dataclass
+class SupervisorEvent:
+    """One thing the supervisor saw: ``kind`` is "died", "restarting", "restarted" or "restart_failed"."""
+
+    kind: str
+    message: str
+    restarts: int
+    downtime_s: float | None = None
+
+
+def supervise(server: TritonServer, stop: threading.Event, *, timeout: float = 300.0,
+              on_event=lambda e: print(e.message, file=sys.stderr, flush=True),
+              backoff: tuple[float, ...] = BACKOFF_SECS, stable_secs: float = STABLE_SECS,
+              poll_secs: float = 0.5) -> None:
+    """Keep a started ``server`` running until ``stop`` is set: when tritonserver dies (signal, crash, OOM kill)
+    report why, remove what it left (process group, shared memory) and start it again on the same ports, waiting
+    ``backoff[n]`` before the n-th consecutive restart. Between death and readiness the server's own
+    ``/v2/health/ready`` refuses connections: readiness stays truthful. Returns when ``stop`` is set."""
+    failures = 0
+    started = time.monotonic()
+    while not stop.is_set():
+        proc = server.process
+        if proc is not None and proc.poll() is None:
+            stop.wait(poll_secs)
+            continue
+        died = time.monotonic()
+        if proc is not None:  # it was running: say why it stopped (a failed restart has already said so)
+            if died - started >= stable_secs:
+                failures = 0
+            on_event(SupervisorEvent("died", f"tritonserver died ({signal_name(proc.returncode)}); log tail:\n"
+                                     f"{server.log_tail(10)}", server.restarts))
+            server.stop()  # the process group and the shared memory it leaves behind
+        delay = backoff[min(failures, len(backoff) - 1)]
+        on_event(SupervisorEvent("restarting", f"restarting tritonserver in {delay:.0f} s "
+                                 f"(restart {server.restarts + 1})", server.restarts))
+        if stop.wait(delay):
+            break
+        try:
+            server.restart(timeout)
+        except ServerStartError as e:
+            failures += 1
+            on_event(SupervisorEvent("restart_failed", f"restart {server.restarts} failed: {e}", server.restarts))
+            continue
+        failures += 1
+        started = time.monotonic()
+        on_event(SupervisorEvent("restarted", f"tritonserver ready again after {started - died:.1f} s "
+                                 f"(restart {server.restarts})", server.restarts, started - died))
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
@@ -335,16 +483,18 @@ def run(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start(args.timeout)
-        assert server.installation is not None
+        assert server.installation is not None and server.log_file is not None
+        key_file = server.log_file.with_name(server.log_file.name + ".admin-key")
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # readable by this user only
+        with os.fdopen(fd, "w") as f:
+            f.write(server.admin_key + "\n")
         print(f"tritonserver ({server.installation.source}) ready on {server.repository}\n"
               f"  HTTP    http://{server.http_url}\n  gRPC    {server.grpc_url}\n"
-              f"  metrics {server.metrics_url}\n  log     {server.log_file}\nCtrl-C or SIGTERM stops it.",
+              f"  metrics {server.metrics_url}\n  log     {server.log_file}\n"
+              f"  {', '.join(RESTRICTED_APIS)} APIs need the header {ADMIN_KEY_HEADER}: {key_file} (mode 0600)\n"
+              f"Restarted after a crash; Ctrl-C or SIGTERM stops it.",
               flush=True)
-        while not stop.is_set():
-            if server.process is None or server.process.poll() is not None:
-                print(f"tritonserver exited unexpectedly:\n{server.log_tail()}", file=sys.stderr)
-                return 1
-            stop.wait(1.0)
+        supervise(server, stop, timeout=args.timeout)
         print("stopping tritonserver ...", flush=True)
         return 0 if server.stop() in (0, None) else 1
     finally:

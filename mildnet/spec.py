@@ -43,6 +43,11 @@ class PreprocessSpec:
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
 
+    def pixel_range(self) -> tuple[float, float]:
+        """The lowest and highest value a normalised pixel (any channel) can take."""
+        ends = [((0.0 - m) / sd, (1.0 - m) / sd) for m, sd in zip(self.mean, self.std)]
+        return min(lo for lo, _ in ends), max(hi for _, hi in ends)
+
     def replace(self, **changes: Any) -> "PreprocessSpec":
         return dataclasses.replace(self, **changes)
 

@@ -116,10 +116,42 @@ def _bytes_rows(array: np.ndarray) -> list[bytes]:
     return [bytes(v) if not isinstance(v, str) else v.encode() for v in array.reshape(-1)]
 
 
-def _decode_one(data: bytes, spec, label: str):
-    from .imageio import preprocess
+def _guarded(execute):
+    """``execute`` that answers every request with a plain error, instead of Triton's traceback, when it fails
+    in a way its own checks did not foresee (RecursionError, MemoryError, a bug)."""
+    import functools
 
-    return preprocess(data, spec, name=label)  # ImageDecodeError says why
+    @functools.wraps(execute)
+    def wrapper(self, requests: list) -> list:
+        try:
+            return execute(self, requests)
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()  # to the server's log, not to the client
+            return _unexpected(self.pb, requests, e)
+    return wrapper
+
+
+def degenerate_embedding(vectors) -> str | None:
+    """None if every row of ``vectors`` ([n, D], numpy or torch) is finite and non-zero, else what is wrong:
+    such a vector matches nothing meaningfully and, stored in an index, poisons every search that meets it."""
+    a = np.asarray(vectors.cpu() if hasattr(vectors, "cpu") else vectors, dtype=np.float64)
+    if not np.isfinite(a).all():
+        return "a non-finite embedding (NaN or inf)"
+    if (np.linalg.norm(a.reshape(len(a), -1), axis=1) < 1e-6).any():
+        return "an all-zero embedding"
+    return None
+
+
+def _decode_request(rows: list[bytes], spec) -> list:
+    """One request's images -> pixel tensors; the request's decode budget is checked from the headers first.
+    Raises ImageDecodeError (a ValueError) naming the image and the problem."""
+    from .imageio import check_request, needed_size, preprocess
+
+    labels = [f"image {j}" if len(rows) > 1 else "image" for j in range(len(rows))]
+    check_request(rows, min_size=needed_size(spec), names=labels)
+    return [preprocess(b, spec, name=label) for b, label in zip(rows, labels)]
 
 
 def _to_torch(pb_utils, tensor):
@@ -156,6 +188,10 @@ class EmbedderModel:
         self.model = model.to(self.device).eval()
         s = self.info.spec.input_size
         self.input_shape = (3, s, s)
+        # Generous (100 widths of a real image's range on each side): random or augmented test pixels pass; what
+        # overflows the network (1e38) does not.
+        lo, hi = self.info.spec.pixel_range()
+        self.pixel_bounds = (lo - 100 * (hi - lo), hi + 100 * (hi - lo))
 
     def _check(self, x) -> str | None:
         """None if ``x`` (a torch tensor) is a valid PIXELS batch, else the reason."""
@@ -166,8 +202,17 @@ class EmbedderModel:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             return (f"PIXELS must have shape [batch, {', '.join(map(str, self.input_shape))}] "
                     f"(model {self.info.variant} v{self.info.version}), got {list(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            return f"PIXELS holds {bad} NaN or infinite value(s); send finite, normalised pixels"
+        lo, hi = self.pixel_bounds
+        if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
+            # Far outside what a real image normalises to (e.g. 1e38): activations overflow into a zero vector
+            return (f"PIXELS values must lie within [{lo:.3g}, {hi:.3g}] (pixels normalised with the model's "
+                    f"spec.json), got [{float(x.min()):.3g}, {float(x.max()):.3g}]")
         return None
 
+    @_guarded
     def execute(self, requests: list) -> list:
         import torch
 
@@ -193,6 +238,11 @@ class EmbedderModel:
                 for i, part in zip(owners, batch):
                     out = y[offset:offset + part.shape[0]]
                     offset += part.shape[0]
+                    problem = degenerate_embedding(out)
+                    if problem:  # e.g. pixels of 1e38: finite input, overflowing activations
+                        responses[i] = _error(pb, f"PIXELS give {problem}; send normalised pixels "
+                                                  f"(mean/std of the model's spec.json)")
+                        continue
                     tensor = (pb.Tensor("EMBEDDING", np.ascontiguousarray(out)) if isinstance(out, np.ndarray)
                               else pb.Tensor.from_dlpack("EMBEDDING", torch.utils.dlpack.to_dlpack(out)))
                     responses[i] = pb.InferenceResponse(output_tensors=[tensor])
@@ -217,6 +267,7 @@ class PreprocessModel:
         self.spec_source = _LatestSpec(Path(args["model_repository"]).parent / embed_model)
         self.spec_source.get()  # fail at load time, clearly, when nothing is exported yet
 
+    @_guarded
     def execute(self, requests: list) -> list:
         import torch
 
@@ -226,8 +277,7 @@ class PreprocessModel:
         for request in requests:
             rows = _bytes_rows(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy())
             try:
-                pixels = torch.stack([_decode_one(b, spec, f"image {j}" if len(rows) > 1 else "image")
-                                      for j, b in enumerate(rows)])  # (n, 3, S, S)
+                pixels = torch.stack(_decode_request(rows, spec))  # (n, 3, S, S)
             except ValueError as e:  # ImageDecodeError: this request only
                 responses.append(_error(pb, str(e)))
                 continue
@@ -236,6 +286,10 @@ class PreprocessModel:
 
 
 # -- similar: bytes + k (+ filter) -> top-k from the index ------------------------------------------------------------
+class ServerSideError(ValueError):
+    """A request failed because of the server's own state (its index), not the request: not INVALID_ARG."""
+
+
 class _IndexFile:
     """An index file, loaded through :func:`mildnet.index.load_index` and re-loaded when it changes on disk."""
 
@@ -251,18 +305,22 @@ class _IndexFile:
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError:
             self.index, self._stamp = None, None
-            raise ValueError(f"no index file at {self.path}: build one (client/index.py) or set the "
-                             "`index_path` parameter / MILDNET_INDEX") from None
+            raise ServerSideError(f"no index file {self.path.name!r} on the server: build one (client/index.py) "
+                                  "or set the `index_path` parameter / MILDNET_INDEX") from None
         if stamp != self._stamp:
             from .index import load_index
 
             try:
                 self.index, self.error = load_index(self.path), None
             except Exception as e:  # keep serving: every query says why until the file is fixed
-                self.index, self.error = None, f"cannot load index {self.path}: {e}"
+                # The client sees the file's name and the problem, never the server's path (nor, through a
+                # message, any bytes of the file): the full story goes to the server's log.
+                print(f"similar: cannot load index {self.path}: {e}", flush=True)
+                reason = str(e).replace(str(self.path), self.path.name)
+                self.index, self.error = None, f"the server's index {self.path.name!r} is unusable: {reason}"
             self._stamp = stamp
         if self.index is None:
-            raise ValueError(self.error or f"cannot load index {self.path}")
+            raise ServerSideError(self.error or f"cannot load the server's index {self.path.name!r}")
         return self.index
 
 
@@ -275,24 +333,54 @@ def _filter_keys(index) -> set[str] | None:
     return None
 
 
+MAX_FILTER_BYTES = 4096  # a filter is a few key = value pairs; anything bigger is a mistake or an attack
+MAX_FILTER_KEYS = 32
+FILTER_VALUE_TYPES = (str, int, float, bool, type(None))  # metadata equality: scalars only
+
+
 def parse_filter(text: bytes | str | None, allowed: set[str] | None) -> dict | None:
-    """``FILTER`` JSON -> dict; empty -> None. Raises ValueError naming the problem (bad JSON, unknown keys)."""
+    """``FILTER`` JSON -> dict; empty -> None. Raises ValueError naming the problem (bad JSON, too big, too
+    deep, unknown keys, a value that is not a scalar); never anything else, whatever the input."""
     if text is None:
         return None
-    text = text.decode() if isinstance(text, bytes) else text
+    if len(text) > MAX_FILTER_BYTES:
+        raise ValueError(f"FILTER is {len(text)} bytes, more than the {MAX_FILTER_BYTES} allowed")
+    try:
+        text = text.decode() if isinstance(text, bytes) else text
+    except UnicodeDecodeError:
+        raise ValueError("FILTER is not UTF-8 text") from None
     if not text.strip():
         return None
     try:
         value = json.loads(text)
+    except RecursionError:  # deep nesting: Python's parser gives up before we could look at it
+        raise ValueError("FILTER is nested too deeply; it must be a flat JSON object such as "
+                         "{\"category\": \"Apple\"}") from None
     except ValueError as e:
         raise ValueError(f"FILTER is not valid JSON ({e})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"FILTER must be a JSON object such as {{\"category\": \"Apple\"}}, got {text!r}")
+        raise ValueError(f"FILTER must be a JSON object such as {{\"category\": \"Apple\"}}, got a JSON "
+                         f"{type(value).__name__}")
+    if len(value) > MAX_FILTER_KEYS:
+        raise ValueError(f"FILTER has {len(value)} keys, more than the {MAX_FILTER_KEYS} allowed")
+    for key, v in value.items():
+        if not isinstance(v, FILTER_VALUE_TYPES):
+            raise ValueError(f"FILTER value of {key[:64]!r} must be a string, number, boolean or null "
+                             f"(metadata equality), got a JSON {type(v).__name__}")
     if allowed is not None:
         unknown = sorted(set(value) - allowed)
         if unknown:
-            raise ValueError(f"unknown FILTER keys {unknown}; the catalogue's metadata has {sorted(allowed)}")
+            shown = [k[:64] for k in unknown[:5]]
+            raise ValueError(f"unknown FILTER keys {shown}{' ...' if len(unknown) > 5 else ''}; the catalogue's "
+                             f"metadata has {sorted(allowed)}")
     return value or None
+
+
+def _unexpected(pb_utils, requests: list, exc: BaseException) -> list:
+    """Every request's answer when ``execute`` itself fails: the exception's type only, no traceback, no paths
+    (Triton would otherwise send the Python traceback, file names included, to the client)."""
+    return [_error(pb_utils, f"internal error while serving this request ({type(exc).__name__}); "
+                             "see the server log", invalid_arg=False) for _ in requests]
 
 
 class SimilarModel:
@@ -342,9 +430,10 @@ class SimilarModel:
         raw_filters = _bytes_rows(ftensor.as_numpy()) if ftensor is not None else [None] * len(images)
         allowed = _filter_keys(index)
         filters = [parse_filter(f, allowed) for f in raw_filters]
-        pixels = [_decode_one(b, spec, f"image {j}" if len(images) > 1 else "image") for j, b in enumerate(images)]
+        pixels = _decode_request(images, spec)
         return pixels, k, filters
 
+    @_guarded
     def execute(self, requests: list) -> list:
         import torch
 
@@ -354,14 +443,16 @@ class SimilarModel:
             index = self.index_file.get()
             served = self.spec_source.get()
             if index.dim != served.embedding_dim:
-                raise ValueError(f"index {self.index_file.path} holds {index.dim}-d vectors but model "
+                raise ServerSideError(f"index {self.index_file.path.name!r} holds {index.dim}-d vectors but model "
                                  f"{served.variant} v{served.version} makes {served.embedding_dim}-d; rebuild it")
             index_version = getattr(index, "model_version", None)
             if index_version and index_version != served.model_version:
-                raise ValueError(f"index {self.index_file.path} was built with model {index_version!r} but the "
+                raise ServerSideError(f"index {self.index_file.path.name!r} was built with model {index_version!r} but the "
                                  f"server serves {served.model_version!r}; rebuild the index")
-        except ValueError as e:
-            return [_error(pb, str(e)) for _ in requests]
+        except ServerSideError as e:
+            return [_error(pb, str(e), invalid_arg=False) for _ in requests]
+        except ValueError as e:  # spec.json of the served model
+            return [_error(pb, str(e), invalid_arg=False) for _ in requests]
         parsed = {}
         for i, request in enumerate(requests):
             try:

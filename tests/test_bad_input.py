@@ -7,6 +7,7 @@ only the entry points. Server tests reuse the session server of tests/conftest.p
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -68,6 +69,12 @@ def animated_gif() -> bytes:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=1)
+def png16_huge() -> bytes:
+    """The issue's case: 77 KB, 16-bit greyscale, 6300 x 6300: under the pixel cap, ~1 GB to decode."""
+    return encode(Image.new("I;16", (6300, 6300)), "PNG")
+
+
 def png16() -> bytes:
     a = (np.arange(24 * 32, dtype=np.uint32).reshape(24, 32) * 80).astype(np.uint16)
     img = Image.fromarray(a)  # mode I;16
@@ -85,6 +92,7 @@ BAD_IMAGES = {
                             r"not a recognised image format \(text/HTML"),
     "20000x20000 header": (lambda photo: png_header_only(20000, 20000), "too many pixels|400000000 pixels, more than"),
     "decompression bomb": (lambda photo: decompression_bomb(), "possible decompression bomb"),
+    "16-bit 6300x6300 png": (lambda photo: png16_huge(), r"6300x6300 I;16 would take ~\d+ MiB to decode, more than"),
 }
 ODD_IMAGES = {
     "1x1 png": lambda: encode(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG"),
@@ -225,6 +233,56 @@ def test_bad_filter(remote, served_repository, catalogue_index, photo, filter_te
               ("FILTER", np.array([[filter_text]], dtype=object), "BYTES")]
     with pytest.raises(RemoteInferenceError, match=message):
         remote.infer("similar", inputs, ["IDS", "SCORES", "METADATA"])
+    still_answers(remote, photo, served_repository[1])
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("filter_text,message", [
+    (b"[" * 5000 + b"]" * 5000, "FILTER is 10000 bytes, more than the 4096 allowed"),  # the issue's case
+    (b'{"category": ' + b"[" * 2000 + b"]" * 2000 + b"}", "nested too deeply"),
+    (b'{"category": ["Apple", "Pear"]}', "must be a string, number, boolean or null"),
+    (b'{"category": {"$ne": "x"}}', "must be a string, number, boolean or null"),
+    (b"\xff\xfe", "not UTF-8"),
+])
+def test_malformed_filter_clear_400_without_traceback(remote, served_repository, catalogue_index, photo,
+                                                      filter_text, message):
+    inputs = [("IMAGE", np.array([[photo]], dtype=object), "BYTES"), ("K", np.array([[2]], np.int32), "INT32"),
+              ("FILTER", np.array([[filter_text]], dtype=object), "BYTES")]
+    with pytest.raises(RemoteInferenceError, match=message) as e:  # INVALID_ARG: HTTP 400 / gRPC INVALID_ARGUMENT
+        remote.infer("similar", inputs, ["IDS", "SCORES", "METADATA"])
+    text = str(e.value)
+    assert "Traceback" not in text and ".py" not in text and str(served_repository[0].parent) not in text
+    assert len(text) < 600
+    still_answers(remote, photo, served_repository[1])
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("value,message", [(np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"),
+                                           (-np.inf, "NaN or infinite"), (1e38, "values must lie within")])
+def test_non_finite_pixels_refused(remote, served_repository, photo, value, message):
+    """NaN/inf pixels returned 200 with a NaN embedding, 1e38 an all-zero one; both are refused now."""
+    pixels = np.zeros((2, 3, 96, 96), np.float32)
+    pixels[1, 0, 5, 5] = value if value != 1e38 else 0
+    if value == 1e38:
+        pixels[1] = 1e38
+    with pytest.raises(RemoteInferenceError, match=message):
+        remote.infer("mildnet", [("PIXELS", pixels, "FP32")], ["EMBEDDING"])
+    still_answers(remote, photo, served_repository[1])
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("model_name", ["mildnet_ensemble", "similar"])
+def test_request_decode_budget_checked_from_headers(remote, served_repository, catalogue_index, photo, model_name):
+    """Four 4000 x 4000 headers (122 MiB each to decode) in one request: refused at the third, before any
+    decoding (the files hold no pixels, so a decode would have failed with another message)."""
+    big = png_header_only(4000, 4000)
+    inputs = [("IMAGE", np.array([[big]] * 4, dtype=object), "BYTES")]
+    outputs = ["EMBEDDING"]
+    if model_name == "similar":
+        inputs.append(("K", np.full((4, 1), 2, np.int32), "INT32"))
+        outputs = ["IDS"]
+    with pytest.raises(RemoteInferenceError, match="image 2: the request's images would take"):
+        remote.infer(model_name, inputs, outputs)
     still_answers(remote, photo, served_repository[1])
 
 

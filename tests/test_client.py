@@ -146,7 +146,8 @@ def test_index_entries_ids_and_metadata(tmp_path, grocery_root):
     entries = index_entries(str(cat))
     assert [e[0] for e in entries] == [f"images/{p.name}" for p, _, _ in grocery_rows(grocery_root, 2, 2)]
     meta = entries[0][2]
-    assert meta["category"] == "Apple" and meta["item_id"] == "Golden-Delicious" and Path(meta["path"]).is_file()
+    assert meta["category"] == "Apple" and meta["item_id"] == "Golden-Delicious"
+    assert not Path(meta["path"]).is_absolute() and (cat.parent / meta["path"]).is_file()  # relative to the root
     assert meta["note"] == "<b>Golden-Delicious</b> & co"
 
 

@@ -288,24 +288,38 @@ def test_query_script_refuses_damaged_index(tmp_path, grocery_photos, damage, me
 
 
 @pytest.mark.server
-def test_served_index_damaged_then_restored(triton_server, catalogue_index, grocery_photos):
+def test_served_index_damaged_then_restored(triton_server, catalogue_index, grocery_photos, tmp_path):
     """The `similar` model verifies the index it reloads: a damaged file gets a clear error per query (never
-    served, the server stays up, embeddings still answer); the repaired file is served again."""
-    from mildnet.remote import RemoteInferenceError, TritonEmbedder
+    served, the server stays up, embeddings still answer); the repaired file is served again. The error names
+    the file, not the server's path, and never echoes the file's bytes (the issue: `bad magic b'root:x:0'` for a
+    symlink to /etc/passwd). It is the server's problem, not the request's: HTTP 500 / gRPC INTERNAL, and
+    query.py exits 3."""
+    from mildnet.remote import ServerSideError, TritonEmbedder
 
     path, ids, _ = catalogue_index
     original = path.read_bytes()
     photo = grocery_photos[0].read_bytes()
     damaged = bytearray(original)
     damaged[len(damaged) // 2] ^= 0xFF
+    secret = tmp_path / "passwd"
+    secret.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 8)
     try:
-        tmp = path.with_name(".damaged.tmp")
-        tmp.write_bytes(bytes(damaged))
-        os.replace(tmp, path)
-        with TritonEmbedder(triton_server.http_url) as remote:
-            with pytest.raises(RemoteInferenceError, match="checksum mismatch"):
-                remote.similar(photo, k=2)
-            assert remote.embed([photo]).shape[0] == 1
+        for what, install, message in [
+                ("bit flip", lambda tmp: tmp.write_bytes(bytes(damaged)), "checksum mismatch"),
+                ("symlink to another file", lambda tmp: tmp.symlink_to(secret), "not a mildnet index file")]:
+            tmp = path.with_name(".damaged.tmp")
+            install(tmp)
+            os.replace(tmp, path)
+            for url, protocol in ((triton_server.http_url, "http"), (triton_server.grpc_url, "grpc")):
+                with TritonEmbedder(url, protocol) as remote:
+                    with pytest.raises(ServerSideError, match=message) as e:
+                        remote.similar(photo, k=2)
+                    text = str(e.value)
+                    assert path.name in text and str(path.parent) not in text, text
+                    assert "root:x" not in text and str(tmp_path) not in text, text
+                    assert remote.embed([photo]).shape[0] == 1
+            r = run_cli("client/query.py", str(grocery_photos[0]), "--url", triton_server.http_url)
+            assert r.returncode == 3 and message in r.stderr and "server problem" in r.stderr, (what, r.stderr)
     finally:
         tmp = path.with_name(".restore.tmp")
         tmp.write_bytes(original)

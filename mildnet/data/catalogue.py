@@ -89,7 +89,7 @@ class CatalogueItem:
 # --------------------------------------------------------------------------------------------- dispatch
 def load_catalogue(source: str | os.PathLike, root: str | os.PathLike | None = None,
                    allow_outside_root: bool = False, *, unique_ids: bool = False,
-                   check_files: bool = True) -> list[CatalogueItem]:
+                   check_files: bool = True, skipped: list[tuple[str, str]] | None = None) -> list[CatalogueItem]:
     """Read a catalogue from a CSV/TSV, JSONL, triplet CSV, Grocery folder or folder-per-class tree.
 
     Args:
@@ -99,6 +99,7 @@ def load_catalogue(source: str | os.PathLike, root: str | os.PathLike | None = N
             ``allow_outside_root``.
         unique_ids: require every row to have its own ``item_id`` (a gallery of one image per product).
         check_files: refuse rows whose image file does not exist.
+        skipped: for a folder tree, receives ``(relative path, reason)`` for every file not made an item.
     """
     source = Path(source)
     if not source.exists():
@@ -108,7 +109,7 @@ def load_catalogue(source: str | os.PathLike, root: str | os.PathLike | None = N
                 (source / "classes.csv").is_file():
             items = grocery_catalogue(source)
         else:
-            items = folder_catalogue(source)
+            items = folder_catalogue(source, skipped)
     else:
         suffix = "".join(source.suffixes[-2:]).lower() if source.suffix == ".gz" else source.suffix.lower()
         if suffix in (".jsonl", ".ndjson", ".json"):
@@ -129,29 +130,32 @@ def load_catalogue(source: str | os.PathLike, root: str | os.PathLike | None = N
 
 
 def index_entries(source: str | os.PathLike, root: str | os.PathLike | None = None,
-                  allow_outside_root: bool = False) -> list[tuple[str, Path, dict[str, Any]]]:
+                  allow_outside_root: bool = False, skipped: list[tuple[str, str]] | None = None
+                  ) -> list[tuple[str, Path, dict[str, Any]]]:
     """``(index id, image path, metadata)`` per catalogue image: what a search index stores (client/index.py).
 
     Rows are read (and paths checked against the root) by :func:`load_catalogue`. The id is the row's ``id``
     column when it has one, else the image path relative to the catalogue root (absolute outside it). The
-    metadata is every extra column plus ``item_id``, ``category``, ``domain``, ``path`` (and ``split``).
-    Two images with one id raise :class:`CatalogueError` naming both.
+    metadata is every extra column plus ``item_id``, ``category``, ``domain``, ``path`` (and ``split``);
+    ``path`` is relative to the catalogue root (a served hit must not tell clients the server's file system),
+    absolute only for an image outside it (``allow_outside_root``).
+    Two images with one id raise :class:`CatalogueError` naming both. ``skipped``: see :func:`load_catalogue`.
     """
-    items = load_catalogue(source, root=root, allow_outside_root=allow_outside_root)
+    items = load_catalogue(source, root=root, allow_outside_root=allow_outside_root, skipped=skipped)
     source = Path(source)
     base = (Path(root) if root is not None else source if source.is_dir() else source.parent).resolve()
     out, seen = [], {}
     for item in items:
         path = Path(item.path).resolve()
         extra = dict(item.metadata or {})
-        item_id = str(extra.pop("id", "")) or (path.relative_to(base).as_posix() if path.is_relative_to(base)
-                                               else path.as_posix())
+        rel = path.relative_to(base).as_posix() if path.is_relative_to(base) else path.as_posix()
+        item_id = str(extra.pop("id", "")) or rel
         if item_id in seen:
             raise CatalogueError(f"catalogue {source}: id {item_id!r} used by two images ({seen[item_id]} and "
                                  f"{path})")
         seen[item_id] = path
         meta = {**extra, "item_id": item.item_id, "category": item.category, "domain": item.domain,
-                "path": str(path)}
+                "path": rel}
         if item.split is not None:
             meta["split"] = item.split
         out.append((item_id, path, meta))
@@ -378,31 +382,58 @@ def grocery_catalogue(root: str | os.PathLike, split: str | None = None, *,
 
 
 # --------------------------------------------------------------------------------------------- folders
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def folder_catalogue(root: str | os.PathLike, skipped: list[tuple[str, str]] | None = None
+                     ) -> list[CatalogueItem]:
+    """A folder-per-class tree walked at every depth; an optional ``train/ val/ test/`` top level sets the split.
 
-
-def folder_catalogue(root: str | os.PathLike) -> list[CatalogueItem]:
-    """A folder-per-class tree: ``root/<class>/*.jpg`` (item = category = class) or
-    ``root/<category>/<item>/*.jpg``; an optional ``train/ val/ test/`` top level sets the split."""
+    An image's category is its first folder below the root (below the split), its item the folders between
+    that and the file joined with ``/``: ``root/<class>/*.jpg`` -> item = category = class,
+    ``root/<category>/<item>/*.jpg`` -> item, ``Fruit/Apple/Golden-Delicious/*.jpg`` -> category ``Fruit``,
+    item ``Apple/Golden-Delicious``. Every file that does not become an item is appended to ``skipped`` (when
+    given) as ``(path relative to the root, reason)``: nothing is dropped without a word.
+    """
     root = Path(root).resolve()
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if subdirs and all(d.name in SPLIT_NAMES for d in subdirs):
-        tops = [(d, d.name) for d in subdirs]
-    else:
-        tops = [(root, None)]
+    has_splits = bool(subdirs) and all(d.name in SPLIT_NAMES for d in subdirs)
+    report = skipped if skipped is not None else []
     items: list[CatalogueItem] = []
-    for top, split in tops:
-        for cat_dir in sorted(d for d in top.iterdir() if d.is_dir() and not d.name.startswith(".")):
-            for img in _images_in(cat_dir):
-                items.append(CatalogueItem(img, cat_dir.name, cat_dir.name, "shop", split, {}))
-            for item_dir in sorted(d for d in cat_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
-                for img in _images_in(item_dir):
-                    domain = "shop"
-                    items.append(CatalogueItem(img, item_dir.name, cat_dir.name, domain, split, {}))
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        rel_dir = here.relative_to(root)
+        for d in list(dirnames):
+            if d.startswith("."):
+                report.append(((rel_dir / d).as_posix() + "/", "hidden folder, not walked"))
+            elif (here / d).is_symlink():
+                report.append(((rel_dir / d).as_posix() + "/", "symbolic link to a folder, not followed"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (here / d).is_symlink())
+        parts = rel_dir.parts
+        split = parts[0] if has_splits and parts else None
+        classes = parts[1:] if split else parts
+        for name in sorted(filenames):
+            rel = (rel_dir / name).as_posix()
+            path = here / name
+            reason = None
+            if name.startswith("."):
+                reason = "hidden file"
+            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                reason = f"not an image file name (accepted: {', '.join(IMAGE_EXTENSIONS)})"
+            elif path.is_symlink() and not path.resolve().is_relative_to(root):
+                reason = "symbolic link that leaves the catalogue root"
+            elif not path.is_file():
+                reason = "not a regular file"
+            elif not classes:
+                reason = ("image outside any class folder (expected root/<class>/*.jpg"
+                          + (" below train/, val/ or test/)" if has_splits else ")"))
+            if reason:
+                report.append((rel, reason))
+                continue
+            item_id = "/".join(classes[1:]) or classes[0]
+            items.append(CatalogueItem(path, item_id, classes[0], "shop", split, {}))
     if not items:
         raise CatalogueError(f"{root}: no images found in a folder-per-class layout "
-                             f"(expected root/<class>/*.jpg or root/<category>/<item>/*.jpg)")
+                             f"(expected root/<class>/*.jpg or root/<category>/<item>/.../*.jpg)"
+                             + (f"; skipped {len(report)} file(s), e.g. {report[0][0]}: {report[0][1]}"
+                                if report else ""))
     return items
 
 

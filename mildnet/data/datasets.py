@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..checkpoint import atomic_torch_save
-from ..imageio import ImageDecodeError, decode_image, image_to_tensor
+from ..imageio import ImageDecodeError, decode_image, image_to_tensor, needed_size
 from ..spec import PreprocessSpec
 from .transforms import PaperAugment, normalize
 
@@ -32,7 +32,8 @@ def _pixels_spec(spec: PreprocessSpec) -> PreprocessSpec:
 
 def decode_resized(path: str | os.PathLike, spec: PreprocessSpec, name: str | None = None) -> torch.Tensor:
     """Decode one image and resize it as ``spec`` says: ``uint8 Tensor[3, S, S]`` RGB (raises ImageDecodeError)."""
-    x = image_to_tensor(decode_image(path, name=name), _pixels_spec(spec))  # (3, S, S) in [0, 1]
+    # min_size as imageio.preprocess sets it: a big JPEG is decoded at the same reduced scale as when served
+    x = image_to_tensor(decode_image(path, name=name, min_size=needed_size(spec)), _pixels_spec(spec))
     return (x * 255.0).round_().to(torch.uint8)
 
 

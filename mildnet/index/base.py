@@ -182,8 +182,14 @@ class Index(abc.ABC):
         if present:
             raise DuplicateIdError(f"{len(present)} id(s) already in the index (e.g. {present[0]!r}): "
                                    "remove them first to replace them")
-        if not np.all(np.isfinite(vectors)):
-            raise ValueError("vectors contain NaN or inf")
+        finite = np.isfinite(vectors).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"refusing to store a NaN or infinite vector (id {ids[int(np.argmin(finite))]!r}); "
+                             "nothing was added")
+        zero = np.linalg.norm(vectors, axis=1) == 0
+        if zero.any():  # matches everything equally: a search that meets it ranks noise
+            raise ValueError(f"refusing to store an all-zero vector (id {ids[int(np.argmax(zero))]!r}); "
+                             "nothing was added")
         if ids:
             self._add(ids, vectors, [dict(m) for m in metadata])
 

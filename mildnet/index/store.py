@@ -91,8 +91,8 @@ def _read_prefix(f, path: Path, size: int) -> tuple[int, int, int, bytes]:
         raise IndexFileError(f"{path}: truncated index file ({size} bytes, shorter than its "
                              f"{_PREFIX.size}-byte header)")
     magic, version, h, v, b, sha = _PREFIX.unpack(raw)
-    if magic != MAGIC:
-        raise IndexFileError(f"{path}: not a mildnet index file (bad magic {magic!r})")
+    if magic != MAGIC:  # its bytes are not echoed: the path may point at any file (a symlink to /etc/passwd)
+        raise IndexFileError(f"{path}: not a mildnet index file (bad magic)")
     if version > FORMAT_VERSION or version < 1:
         raise IndexFileError(f"{path}: index format version {version} is not supported by this mildnet "
                              f"(supports up to {FORMAT_VERSION}); upgrade mildnet or rebuild the index")
