@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,10 +248,10 @@ def test_wheel_in_a_fresh_venv_exports_serves_indexes_and_queries(wheel, tmp_pat
         log = next(line.split()[-1] for line in lines if line.split()[:1] == ["log"])
         assert Path(log).is_relative_to(venv)  # the assembled backend and logs live in the venv, not a checkout
 
-        photos = tmp_path / "photos"
-        photos.mkdir()
+        photos = tmp_path / "photos"  # a folder-per-class catalogue: ids are paths under it
+        (photos / "shelf").mkdir(parents=True)
         for p in grocery_photos[:6]:
-            (photos / p.name).symlink_to(p)
+            shutil.copy(p, photos / "shelf" / p.name)
         index_file = work / "repo" / "similar" / "index" / "catalogue.mindex"
         run_ok([bin_ / "mildnet", "index", photos, "--out", index_file, "--url", url, "--no-progress"],
                cwd=work, env=env, timeout=600)
@@ -260,7 +261,7 @@ def test_wheel_in_a_fresh_venv_exports_serves_indexes_and_queries(wheel, tmp_pat
         for cmd in ([bin_ / "mildnet", "query", query, "--k", "3", "--json", "--url", url],
                     [py, ROOT / "client" / "query.py", query, "--k", "3", "--json", "--url", url]):
             hits = json.loads(run_ok(cmd, cwd=work, env=env, timeout=300).stdout)["hits"]
-            assert len(hits) == 3 and hits[0]["id"] == query.name and hits[0]["score"] > 0.99
+            assert len(hits) == 3 and hits[0]["id"] == f"shelf/{query.name}" and hits[0]["score"] > 0.99, hits
     finally:
         server.send_signal(signal.SIGTERM)
         try:
