@@ -162,8 +162,10 @@ def write_png(path: Path, query_bytes: bytes, rows: Sequence[dict[str, Any]], co
 # ---- CLI -------------------------------------------------------------------------------------------------------
 def _k(text: str) -> int:
     k = int(text)
-    if not 1 <= k <= MAX_K:
-        raise argparse.ArgumentTypeError(f"--k must be between 1 and {MAX_K} (results per query), got {k}")
+    if k < 1:
+        raise argparse.ArgumentTypeError("--k must be >= 1")
+    if k > MAX_K:
+        raise argparse.ArgumentTypeError(f"--k must be <= {MAX_K} (results per query)")
     return k
 
 

@@ -94,7 +94,7 @@ def test_query_k_bounds(tmp_path):
 
 @pytest.mark.parametrize("argv,code,message", [
     (["query", "missing.jpg"], 1, "mildnet query: error: missing.jpg: no such image file"),
-    (["query", "q.jpg", "--k", "0"], 2, "--k must be between 1"),
+    (["query", "q.jpg", "--k", "0"], 2, "--k must be >= 1"),
     (["index", "--out", "x.mindex"], 2, "mildnet index: error: a CATALOGUE is needed"),
     (["index", "cat.csv", "--out", "x.mindex", "--backend", "milvus"], 2, "--backend milvus needs --milvus-uri"),
 ])
