@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import html
-import importlib.util
 import io
 import json
 import os
@@ -50,8 +48,10 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from mildnet.data.catalogue import (CatalogueItem, fashion_mnist_catalogue, grocery_catalogue, index_entries,  # noqa: E402
                                     write_catalogue)
+from mildnet import query  # noqa: E402  (the library behind client/query.py: run in-process, its contact sheet)
 from mildnet.fileio import atomic_write_text, sha256_file  # noqa: E402
 from mildnet.metric_train import MetricConfig  # noqa: E402
+from mildnet.index.builder import Journal  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = Path(__file__).resolve().parent
@@ -67,15 +67,6 @@ TOP = 5
 
 class DemoError(RuntimeError):
     """A stage failed in a way the user can act on; the message says how."""
-
-
-@functools.lru_cache(maxsize=None)
-def _script(name: str):
-    """A sibling client script as a module (client/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"client_{name}", CLIENT / f"{name}.py")
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---- data: which dataset, and the catalogues made from it ----------------------------------------------------
@@ -308,7 +299,7 @@ def _pending_model(journal: Path, partial: Path) -> str | None:
     try:
         if partial.exists():
             return read_index_header(partial).get("model_version")
-        return _script("index").Journal(journal).header().get("model_version")
+        return Journal(journal).header().get("model_version")
     except (OSError, ValueError):  # IndexFileError is a ValueError
         return None
 
@@ -317,7 +308,6 @@ def run_queries(data: DemoData, url: str) -> list[dict]:
     """client/query.py (its main, in-process: one interpreter start instead of one per photo) per query."""
     from tqdm import tqdm
 
-    query = _script("query")
     results = []
     for item in tqdm(data.queries, desc="querying", unit="photo", dynamic_ncols=True):
         out = io.StringIO()
@@ -399,12 +389,11 @@ def accuracy(results: Sequence[dict]) -> dict:
 def write_page(path: Path, results: Sequence[dict], summary: dict) -> None:
     """Self-contained HTML (thumbnails inlined): each query beside its top 5, framed green (same product) or
     red. Every text is escaped; the data-* attributes let tests read the page back."""
-    query = _script("query")  # its thumbnail + data-URI helpers: one way to make a thumbnail in client/
     esc = html.escape
 
     def pic(source) -> str:
-        img = query._thumbnail(source)
-        return f'<img src="{query._data_uri(img)}" alt="">' if img is not None else "<div>no image</div>"
+        img = query.thumbnail(source)
+        return f'<img src="{query.data_uri(img)}" alt="">' if img is not None else "<div>no image</div>"
 
     rows = []
     for r in results:
@@ -466,7 +455,7 @@ def record(summary: dict, out: Path, picture: Path | None) -> dict:
     write_json(out, rec)
     if picture is not None:
         shown = next((r for r in summary["results"] if r["top1"]), summary["results"][0])
-        _script("query").write_png(picture, Path(shown["path"]).read_bytes(), shown["hits"])
+        query.write_png(picture, Path(shown["path"]).read_bytes(), shown["hits"])
         print(f"picture of {shown['query']} and its top {len(shown['hits'])}: {picture}")
     print(f"recorded: {out}")
     return rec

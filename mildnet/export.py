@@ -4,7 +4,7 @@ Layout written (``S`` = the spec's input size, ``D`` = embedding dim)::
 
     model_repository/
       mildnet/config.pbtxt          PIXELS FP32 [3,S,S] -> EMBEDDING FP32 [D], dynamic batching, warmup, queue policy
-      mildnet/model.py              thin template (committed); copied into every version folder
+      mildnet/<N>/model.py          the thin shell mildnet/triton_templates/mildnet.py (package data)
       mildnet/<N>/model.py, model.pt (weights, a mildnet checkpoint), spec.json (variant, dim, spec, sha256)
       preprocess/config.pbtxt, preprocess/1/model.py          IMAGE bytes -> PIXELS FP32 [3,S,S]
       mildnet_ensemble/config.pbtxt, mildnet_ensemble/1/      preprocess -> mildnet
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+from importlib import resources
 import os
 import py_compile
 import shutil
@@ -30,7 +31,8 @@ from pathlib import Path
 from .fileio import atomic_write_text, sha256_file
 from .triton_models import EXPORT_INFO_FILE, WEIGHTS_FILE, version_dirs
 
-TEMPLATE_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+# The model.py shells ship inside the package (an installed wheel has no checkout to copy them from).
+TEMPLATES = resources.files("mildnet.triton_templates")
 PIPELINE_MODELS = ("preprocess", "mildnet_ensemble", "similar")
 
 
@@ -220,19 +222,22 @@ def _write_if_changed(path: Path, text: str) -> None:
         atomic_write_text(path, text)
 
 
-def _template(repository: Path, model: str) -> Path:
-    """The thin model.py for ``model``: the repository's own, else the project's committed one."""
-    for root in (repository, TEMPLATE_REPOSITORY):
-        p = root / model / "model.py"
-        if p.is_file():
-            return p
-    raise FileNotFoundError(f"no model.py template for {model!r} in {repository} or {TEMPLATE_REPOSITORY}")
+def template_text(repository: Path, model: str) -> str:
+    """The thin model.py for ``model``: the repository's own (``<repository>/<model>/model.py``), else the
+    package's ``mildnet/triton_templates/<model>.py``."""
+    own = repository / model / "model.py"
+    if own.is_file():
+        return own.read_text()
+    shipped = TEMPLATES / f"{model}.py"
+    if not shipped.is_file():
+        raise FileNotFoundError(f"no model.py template for {model!r} in {repository} or in the mildnet package")
+    return shipped.read_text()
 
 
 def _install_template(repository: Path, model: str, template_name: str, version_dir: Path) -> None:
     version_dir.mkdir(parents=True, exist_ok=True)
     target = version_dir / "model.py"
-    text = _template(repository, template_name).read_text()
+    text = template_text(repository, template_name)
     if target.is_file() and target.read_text() == text:
         return  # untouched: a polling server sees no change and does not reload the model
     atomic_write_text(target, text)

@@ -29,12 +29,23 @@ if os.environ.get("MILDNET_DISABLE_EXTENSION") == "1":  # lets tests exercise th
     EXTENSION_ERROR = "disabled by MILDNET_DISABLE_EXTENSION=1"
 else:
     try:
-        from . import _C  # noqa: F401  (loading the library registers torch.ops.mildnet.*)
-
-        EXTENSION_LOADED = True
-    except ImportError as error:  # not built (or built against another torch)
+        from ._build_info import TORCH_VERSION as _BUILT_AGAINST  # written by setup.py with the extension
+    except ImportError:
+        _BUILT_AGAINST = None
+    _running = torch.__version__.split("+")[0]
+    if _BUILT_AGAINST and _BUILT_AGAINST.split("+")[0].split(".")[:2] != _running.split(".")[:2]:
+        # Loading it could crash or compute garbage: the C++ ABI of torch changes between minor versions.
         EXTENSION_LOADED = False
-        EXTENSION_ERROR = str(error)
+        EXTENSION_ERROR = (f"mildnet._C was compiled against torch {_BUILT_AGAINST}, this is torch "
+                           f"{torch.__version__}: rebuild it with `pip install --no-build-isolation -e .`")
+    else:
+        try:
+            from . import _C  # noqa: F401  (loading the library registers torch.ops.mildnet.*)
+
+            EXTENSION_LOADED = True
+        except ImportError as error:  # not built (or built against another torch)
+            EXTENSION_LOADED = False
+            EXTENSION_ERROR = str(error)
 
 _fallback_warned = False
 

@@ -2,9 +2,9 @@
 
 ``tritonserver`` is taken from PATH (NVIDIA's container) or else from the ``nvidia-pytriton`` wheel, which
 ships a complete Triton 2.51 but no ready-to-use backend folder: we assemble one under
-``build/triton/backends/python`` with the wheel's ``libtriton_python.so``, ``triton_python_backend_utils.py``
-and the Python stub built for the running interpreter, so ``model.py`` files run in this venv's Python and
-can import ``mildnet`` and ``torch``.
+``<venv>/var/mildnet/triton/backends/python`` (:func:`default_build_dir`) with the wheel's
+``libtriton_python.so``, ``triton_python_backend_utils.py`` and the Python stub built for the running
+interpreter, so ``model.py`` files run in this venv's Python and can import ``mildnet`` and ``torch``.
 
     with TritonServer("model_repository") as server:   # free ports, log file, waits until ready
         print(server.http_url, server.grpc_url, server.metrics_url)
@@ -45,8 +45,24 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BUILD_DIR = PROJECT_ROOT / "build" / "triton"
+# The sys.path folder this `mildnet` was imported from (a checkout, or site-packages): the Triton Python stubs
+# need it on their path. A code location, not a data one: nothing is read from or written there.
+IMPORT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_build_dir() -> Path:
+    """Where the assembled Python backend and the server logs go: inside the running environment (the stub is
+    picked for this interpreter from this environment's nvidia-pytriton), or the user's cache when that
+    environment is read-only (a system Python). ``MILDNET_TRITON_DIR`` overrides both."""
+    if os.environ.get("MILDNET_TRITON_DIR"):
+        return Path(os.environ["MILDNET_TRITON_DIR"])
+    if os.access(sys.prefix, os.W_OK):
+        return Path(sys.prefix) / "var" / "mildnet" / "triton"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "mildnet" / f"triton-py{sys.version_info.major}.{sys.version_info.minor}"
+
+
+DEFAULT_BUILD_DIR = default_build_dir()
 LOG_TAIL_LINES = 40
 SHM_DIR = Path("/dev/shm")
 # Triton APIs a client of the similarity service never needs; each is a way to crash or reconfigure the server.
@@ -143,8 +159,8 @@ def _server_env(installation: TritonInstallation) -> dict[str, str]:
     if installation.library_path:
         parts = [str(p) for p in installation.library_path] + [env.get("LD_LIBRARY_PATH", "")]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in parts if p)
-    # The stub embeds libpython but not this venv: hand it the project root and the venv's site-packages.
-    paths = [str(PROJECT_ROOT)] + site.getsitepackages() + [env.get("PYTHONPATH", "")]
+    # The stub embeds libpython but not this venv: hand it mildnet's import root and the venv's site-packages.
+    paths = [str(IMPORT_ROOT)] + site.getsitepackages() + [env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return env
 
@@ -466,7 +482,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-secs", type=int, default=5,
                         help="re-scan the repository every N s so new exported versions load; 0 = load once")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait until ready")
-    parser.add_argument("--log-file", default=None, help="server log (default: build/triton/logs/...)")
+    parser.add_argument("--log-file", default=None,
+                        help="server log (default: <venv>/var/mildnet/triton/logs/...)")
     parser.add_argument("--log-verbose", type=int, default=0)
 
 

