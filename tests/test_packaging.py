@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import tomllib
 import zipfile
@@ -236,12 +237,16 @@ def test_wheel_in_a_fresh_venv_exports_serves_indexes_and_queries(wheel, tmp_pat
                                "0", "--metrics-port", "0", "--poll-secs", "0", "--timeout", "400"],
                               cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
+    # a server that comes up but never prints the expected line must not hang the suite: kill it after 10 min
+    watchdog = threading.Timer(600, lambda: os.killpg(server.pid, signal.SIGKILL))
+    watchdog.start()
     try:
         lines = []
         for line in server.stdout:
             lines.append(line)
-            if line.startswith("Ctrl-C"):  # the last line of the ready message
+            if "SIGTERM stops it" in line:  # the last line of the ready message
                 break
+        watchdog.cancel()
         url = re.search(r"http://(127\.0\.0\.1:\d+)", "".join(lines))
         assert url, "mildnet serve did not come up:\n" + "".join(lines)[-4000:]
         url = url.group(1)

@@ -275,9 +275,7 @@ def test_locust_run_always_ends(triton_server, grocery_photos, tmp_path):
 
 
 def test_query_hit_rows_join_relative_paths_to_images_root(tmp_path):
-    sys.path.insert(0, str(ROOT / "client"))
-    import query
-
+    from mildnet import query
     from mildnet.index import Hit
 
     hits = [Hit("a", 0.9, {"path": "shoes/1.jpg", "category": "shoes"}), Hit("b", 0.5, {"path": "/abs/2.jpg"})]
