@@ -39,7 +39,7 @@ from mildnet.data.catalogue import grocery_catalogue  # noqa: E402
 from mildnet.data.splits import SCHEMES, protocol_split  # noqa: E402
 from mildnet.data.triplets import TripletOptions, make_triplets, write_triplets  # noqa: E402
 from mildnet.fileio import atomic_write_text  # noqa: E402
-from mildnet.metric_train import MetricConfig, pool_items, pool_views, train_metric  # noqa: E402
+from mildnet.metric_train import MetricConfig, embed_pooled_rows, pool_items, pool_views, train_metric  # noqa: E402
 from mildnet.metrics import paired_interval, split_report, summarise  # noqa: E402
 from mildnet.models import create  # noqa: E402
 
@@ -83,14 +83,6 @@ def _embed_zero_shot(model_name: str, pooled: torch.Tensor, taps_model, input_si
     return out
 
 
-def _embed_head(model, pooled: torch.Tensor) -> np.ndarray:
-    model.eval()
-    with torch.no_grad():
-        out = model.embed_pooled(torch.nan_to_num(pooled)).numpy()
-    out[~torch.isfinite(pooled).all(1).numpy()] = np.nan
-    return out
-
-
 def _paper_recipe(items, split, pooled, work: Path, args) -> tuple:
     """The paper's recipe (triplets, contrastive loss, lowest dev loss kept) on the same training images;
     the same frozen backbone, so its head trains on the same pooled taps."""
@@ -116,8 +108,7 @@ def _paper_recipe(items, split, pooled, work: Path, args) -> tuple:
 
 
 def _metrics(emb: np.ndarray, items, roles: list[int], catalogue: list[int], n_boot: int) -> tuple[dict, dict]:
-    ok = np.isfinite(emb).all(1)
-    rep = split_report(emb, items, [i for i in roles if ok[i]], [i for i in catalogue if ok[i]])
+    rep = split_report(emb, items, roles, catalogue)
     return rep, {"metrics": summarise(rep, n_boot=n_boot), "spread": rep["spread"], "queries": rep["queries"]}
 
 
@@ -193,7 +184,7 @@ def main() -> int:
                 "best_epoch": res["best"]["epoch"], "dev_selection_score": res["best"]["selection_score"],
                 "dev": res["best"]["dev"], "selected_by": "best dev selection score over epochs",
                 "history": res["history"]}
-        return info, _embed_head(res["model"], pooled)
+        return info, embed_pooled_rows(res["model"], pooled)
 
     # 1. the settings study, on the dev split of one scheme: each candidate changes the default in one way
     chosen, kept = {}, {}
@@ -222,7 +213,7 @@ def main() -> int:
         entry["models"]["ours"] = {**info, "_emb": emb}
         if not args.no_paper:
             model, pinfo = _paper_recipe(items, split, pooled, work / scheme / "paper", args)
-            entry["models"]["paper"] = {"kind": "trained", **pinfo, "_emb": _embed_head(model, pooled)}
+            entry["models"]["paper"] = {"kind": "trained", **pinfo, "_emb": embed_pooled_rows(model, pooled)}
         entry["models"][args.zero_shot] = {"kind": "zero-shot", "_emb": zero_shot}
         for role in REPORTED[scheme]:
             base_rep, _ = _metrics(zero_shot, items, split.roles[role], split.catalogue, args.bootstrap)

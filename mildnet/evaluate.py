@@ -225,11 +225,10 @@ def evaluate_protocol(model: torch.nn.Module, items: Sequence, scheme: str, *, s
     emb = np.full((len(items), model.embedding_dim), np.nan, np.float32)
     emb[needed] = embed_items(model, [items[i] for i in needed], batch_size=batch_size, device=device,
                               cache_path=cache, progress=progress)
-    ok = np.isfinite(emb).all(1)
     report = {"model": label or getattr(model, "variant", "?"), "protocol": scheme, "seed": seed,
               "split": split.summary(items), "roles": {}}
     for role in roles:
-        rep = split_report(emb, items, [i for i in split.roles[role] if ok[i]], [i for i in split.catalogue if ok[i]])
+        rep = split_report(emb, items, split.roles[role], split.catalogue)
         report["roles"][role] = {"metrics": summarise(rep, n_boot=n_boot), "spread": rep["spread"],
                                  "queries": rep["queries"]}
     out = Path(out)

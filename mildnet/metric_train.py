@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .checkpoint import save_checkpoint
 from .data.catalogue import CatalogueItem
-from .data.datasets import ImageCache, embed_images
+from .data.datasets import ImageCache, embed_items
 from .data.samplers import PKSampler
 from .data.splits import ProtocolSplit
 from .data.transforms import RetrievalAugment, normalize
@@ -42,7 +42,8 @@ from .fileio import atomic_write_text
 from .losses import BATCH_LOSSES, NormSoftmax, ProxyAnchor, multi_similarity
 from .metrics import split_report, summarise
 
-__all__ = ["MetricConfig", "selection_score", "pool_items", "train_metric", "SELECTION_METRICS"]
+__all__ = ["MetricConfig", "selection_score", "pool_items", "pool_views", "embed_pooled_rows", "train_metric",
+           "SELECTION_METRICS"]
 
 # What a kept checkpoint is chosen on: retrieval of products never trained on, among photos and against the
 # catalogue, and catalogue retrieval of trained products from photos never trained on (all on dev photos).
@@ -90,15 +91,8 @@ def selection_score(dev: dict[str, dict[str, dict[str, float]]]) -> float:
 def pool_items(model, items: Sequence[CatalogueItem], cache_path: str | Path | None = None, *,
                progress: bool = True, batch_size: int = 64) -> torch.Tensor:
     """Pooled taps of every item's image: ``Tensor[len(items), pooled_dim]`` (NaN rows: unreadable images)."""
-    paths = [it.path for it in items]
-    cache = ImageCache.build(paths, model.spec, cache_path, progress=progress)
-    pooled = torch.from_numpy(embed_images(model, cache.images, batch_size=batch_size, forward=model.pool,
-                                           progress=progress, desc="pooling taps"))
-    out = torch.full((len(items), pooled.shape[1]), float("nan"))
-    for i, p in enumerate(paths):
-        if p in cache.index:
-            out[i] = pooled[cache.index[p]]
-    return out
+    return torch.from_numpy(embed_items(model, items, batch_size=batch_size, cache_path=cache_path,
+                                        progress=progress, forward=model.pool, desc="pooling taps"))
 
 
 @torch.no_grad()
@@ -135,7 +129,9 @@ def _loss_module(cfg: MetricConfig, n_classes: int, dim: int) -> torch.nn.Module
 
 
 @torch.no_grad()
-def _embed(model, pooled: torch.Tensor) -> np.ndarray:
+def embed_pooled_rows(model, pooled: torch.Tensor) -> np.ndarray:
+    """The model's embedding of pooled taps ``Tensor[N, pooled_dim]``, eval mode: ``ndarray[N, D]``; rows of
+    NaN stay NaN (unreadable images)."""
     was = model.training
     model.eval()
     try:
@@ -149,10 +145,8 @@ def _embed(model, pooled: torch.Tensor) -> np.ndarray:
 def dev_metrics(model, pooled: torch.Tensor, items: Sequence[CatalogueItem], split: ProtocolSplit,
                 *, n_boot: int = 200) -> dict:
     """``{role: summarise(split_report)}`` on the dev roles, from pooled taps."""
-    emb = _embed(model, pooled)
-    ok = np.isfinite(emb).all(1)
-    cat = [i for i in split.catalogue if ok[i]]
-    return {role: summarise(split_report(emb, items, [i for i in split.roles[role] if ok[i]], cat), n_boot=n_boot)
+    emb = embed_pooled_rows(model, pooled)
+    return {role: summarise(split_report(emb, items, split.roles[role], split.catalogue), n_boot=n_boot)
             for role in ("dev_unseen", "dev_seen") if split.roles.get(role)}
 
 

@@ -114,9 +114,11 @@ def split_report(emb: np.ndarray, items: Sequence, queries: Sequence[int], catal
                  seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Per-query values of every protocol metric for the photos ``queries`` (indices into ``items`` and
     ``emb``): photo->photo among themselves (leave-one-out), photo->catalogue against ``catalogue``, triplets
-    among the query photos; plus the spread. Metric names are the keys of the result's ``"per_query"``."""
-    q = np.asarray(queries)
-    c = np.asarray(catalogue)
+    among the query photos; plus the spread. Metric names are the keys of the result's ``"per_query"``. Rows of
+    ``emb`` that are not finite (unreadable images) are left out of both lists."""
+    ok = np.isfinite(emb).all(axis=1)
+    q = np.asarray([i for i in queries if ok[i]], dtype=np.int64)
+    c = np.asarray([i for i in catalogue if ok[i]], dtype=np.int64)
     labels = [items[i].item_id for i in q]
     cats = [items[i].category for i in q]
     p2p = per_query_retrieval(emb[q], emb[q], labels, labels, exclude_self=np.arange(len(q)))

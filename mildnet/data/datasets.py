@@ -202,12 +202,15 @@ def embed_images(model: torch.nn.Module, images: torch.Tensor, *, batch_size: in
 
 
 def embed_items(model: torch.nn.Module, items, *, batch_size: int = 64, device: str | torch.device = "cpu",
-                cache_path: str | os.PathLike | None = None, progress: bool = True) -> np.ndarray:
-    """Embed catalogue items (or paths) with ``model``: ``float32 ndarray[len(items), D]``; unreadable images
-    get a row of NaN (and a warning) so rows stay aligned with ``items``."""
+                cache_path: str | os.PathLike | None = None, progress: bool = True, forward=None,
+                desc: str = "embedding") -> np.ndarray:
+    """Embed catalogue items (or paths) with ``model`` (or ``forward``, e.g. ``model.pool``, as
+    :func:`embed_images`): ``float32 ndarray[len(items), D]``; unreadable images get a row of NaN (and a
+    warning) so rows stay aligned with ``items``."""
     paths = [Path(getattr(it, "path", it)) for it in items]
     cache = ImageCache.build(paths, model.spec, cache_path, progress=progress)
-    emb = embed_images(model, cache.images, batch_size=batch_size, device=device, progress=progress)
+    emb = embed_images(model, cache.images, batch_size=batch_size, device=device, progress=progress,
+                       forward=forward, desc=desc)
     out = np.full((len(paths), emb.shape[1]), np.nan, dtype=np.float32)
     for i, p in enumerate(paths):
         if p in cache.index:
