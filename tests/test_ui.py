@@ -328,9 +328,12 @@ def browser():
 
 
 def wait(driver, condition, timeout: float = 60.0, message: str = ""):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition, message)
+    # the page replaces its result grid on each search: an element read mid-replacement is stale, not a failure
+    return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(condition, message)
 
 
 def results(driver) -> list:
