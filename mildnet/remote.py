@@ -143,9 +143,22 @@ class TritonEmbedder:
     def _pick_url(self) -> str:
         return self.urls[next(self._next_url) % len(self.urls)]
 
+    def _grpc_reconnects(self, url: str, wait: float = 2.0) -> bool:
+        """True if the gRPC channel to ``url`` becomes ready within ``wait`` s. A channel that saw the server go
+        away fails calls at once while it backs off (up to 1 s, see _client), even after the server is back."""
+        import grpc
+
+        try:
+            grpc.channel_ready_future(self._client(url)._channel).result(timeout=wait)
+            return True
+        except Exception:  # noqa: BLE001 - timeout or closed channel: still unreachable
+            return False
+
     def infer(self, model: str, inputs: list[tuple[str, np.ndarray, str]], outputs: list[str],
-              url: str | None = None, index: int | None = None) -> dict[str, np.ndarray]:
-        """One request to any model: ``inputs`` = (name, array, Triton dtype) -> {output name: array}."""
+              url: str | None = None, index: int | None = None, *, _retry: bool = True) -> dict[str, np.ndarray]:
+        """One request to any model: ``inputs`` = (name, array, Triton dtype) -> {output name: array}.
+        Inference has no side effects, so a gRPC call refused by a channel in reconnect back-off is sent once
+        more if the channel then connects (a restarted server is reached at once, not after a failed call)."""
         url = url or self._pick_url()
         mod = self._client_mod
         try:
@@ -159,7 +172,10 @@ class TritonEmbedder:
             result = self._client(url).infer(model, tensors, outputs=requested, **kw)
             return {o: result.as_numpy(o) for o in outputs}
         except Exception as e:  # noqa: BLE001 - re-raised as one of our clear errors
-            raise _classify(e, url, model, index) from None
+            err = _classify(e, url, model, index)
+        if _retry and self.protocol == "grpc" and isinstance(err, ServerUnavailable) and self._grpc_reconnects(url):
+            return self.infer(model, inputs, outputs, url, index, _retry=False)
+        raise err
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
