@@ -68,6 +68,7 @@ class MetricConfig:
     catalogue_share: float = 0.5  # chance each of a product's K slots (but the first) is its catalogue image
     dropout: float = 0.5
     final_relu: bool = False  # see DenseHead: the paper's VGG head ends in a ReLU, its Mobile head does not
+    residual: bool = True  # ResidualHead: start at the zero-shot embedding (chosen on the dev split; README)
     catalogue_views: int = 8  # augmented copies of each training catalogue image, pooled once (0: none)
     seed: int = 0
     threads: int | None = None
@@ -170,7 +171,8 @@ def train_metric(cfg: MetricConfig, items: Sequence[CatalogueItem], split: Proto
     torch.manual_seed(cfg.seed)
     if model is None:
         kw = {"input_size": cfg.input_size} if cfg.input_size else {}
-        model = create(cfg.model, pretrained=True, dropout=cfg.dropout, final_relu=cfg.final_relu, **kw)
+        model = create(cfg.model, pretrained=True, dropout=cfg.dropout, final_relu=cfg.final_relu,
+                       residual=cfg.residual, **kw)
     if getattr(model, "head", None) is None:
         raise ValueError(f"{cfg.model} has no dense head to train (a zero-shot baseline): evaluate it instead")
     units = model.backbone.units()

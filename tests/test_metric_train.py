@@ -46,6 +46,7 @@ def test_default_recipe_writes_a_loadable_checkpoint(trained):
     model = load_checkpoint(trained / "best.pt")
     assert model.variant == "mildnet_effnet_lite0" and model.spec.input_size == 64
     assert model.model_kwargs["final_relu"] is False  # the recipe's head, rebuilt from the checkpoint
+    assert model.model_kwargs["residual"] is True and model.embedding_dim == 1280  # the last map's width
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["config"]["loss"] == "proxy_anchor"
     assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2]
@@ -61,7 +62,7 @@ def test_dev_products_never_train(trained):
 
 def test_only_the_head_trains(trained):
     model = load_checkpoint(trained / "best.pt")
-    fresh = create("mildnet_effnet_lite0", pretrained=True, input_size=64)
+    fresh = create("mildnet_effnet_lite0", pretrained=True, **model.model_kwargs)
     theirs = fresh.state_dict()
     for k, v in model.state_dict().items():
         same = torch.equal(v, theirs[k])
@@ -82,3 +83,16 @@ def test_triplet_recipe_refuses_a_batch_loss(tmp_path, capsys):
     assert main(["train", "--train", str(tmp_path / "t.csv"), "--out", str(tmp_path), "--loss",
                  "multi_similarity"]) == 1
     assert "--train (the triplet recipe) takes --loss" in capsys.readouterr().err
+
+
+def test_residual_head_starts_at_the_zero_shot_backbone():
+    """Before any training the residual recipe's embedding IS the ImageNet backbone's (GAP of the last map, L2);
+    training then moves only the correction."""
+    torch.manual_seed(0)
+    ours = create("mildnet_effnet_lite0", pretrained=True, input_size=64, residual=True).eval()
+    zero_shot = create("effnet_lite0_gap", pretrained=True, input_size=64).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), zero_shot(x), atol=1e-5, rtol=1e-4)
+        ours.head.correction[-1].weight.add_(0.01)  # any correction moves it
+        assert not torch.allclose(ours(x), zero_shot(x), atol=1e-3)

@@ -201,15 +201,16 @@ def _light(backbone_cls: type, weights_name: str, spec, taps: tuple[str, ...], v
     """MobileNet-v1 / EfficientNet-Lite0 models. frozen=4: the stem and the units at stride <= 4, the analogue
     of VGG's conv1-conv3. head_dim=None: a zero-shot backbone (last map pooled, no head), entirely frozen."""
     def build(pretrained: bool = False, input_size: int | None = None, dropout: float = 0.5,
-              tap_norm: bool = False, final_relu: bool = True) -> ZooModel:
+              tap_norm: bool = False, final_relu: bool = True, residual: bool = False) -> ZooModel:
         backbone = backbone_cls()
         if pretrained:
             _pretrained_backbone(backbone, weights_name)
         n = len(backbone.units()) if head_dim is None else frozen
         return MILDNet(backbone, taps, head_dim, dropout, variant=variant, spec=_spec(spec, input_size),
                        model_kwargs=_kwargs(input_size, dropout=None if dropout == 0.5 else dropout,
-                                            tap_norm=tap_norm or None, final_relu=None if final_relu else False),
-                       frozen_units=n, tap_norm=tap_norm, final_relu=final_relu)
+                                            tap_norm=tap_norm or None, final_relu=None if final_relu else False,
+                                            residual=residual or None),
+                       frozen_units=n, tap_norm=tap_norm, final_relu=final_relu, residual=residual)
     return build
 
 

@@ -33,6 +33,29 @@ class DenseHead(nn.Sequential):
         super().__init__(*layers, *([nn.ReLU(inplace=True)] if final_relu else []))
 
 
+class ResidualHead(nn.Module):
+    """``Tensor[N, in_dim]`` -> ``Tensor[N, last_dim]``: the zero-shot embedding (the pooled last map, the last
+    ``last_dim`` columns of the input, L2-normalised) plus a learned correction Dense+ReLU -> Dropout -> Dense
+    whose last layer starts at zero.
+
+    Training starts at the ImageNet backbone's embedding and moves only as far as the data asks, so products unlike
+    any it trained on keep what the backbone tells apart (bench/accuracy.py's study; docs/results.md). The taps of
+    the other layers still reach the correction, as in MILDNet.
+    """
+
+    def __init__(self, in_dim: int, last_dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.last_dim = last_dim
+        self.correction = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                        nn.Linear(hidden, last_dim))
+        nn.init.zeros_(self.correction[-1].weight)  # epoch 0 is exactly the zero-shot backbone
+        nn.init.zeros_(self.correction[-1].bias)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        base = F.normalize(pooled[:, -self.last_dim:], dim=1)  # (N, last_dim): the zero-shot embedding
+        return base + self.correction(pooled)
+
+
 class ZooModel(nn.Module):
     """What every registry model offers (see the models contract).
 
@@ -123,12 +146,13 @@ class MILDNet(ZooModel):
     ``min_input_size``. ``taps`` must end with ``"last"`` (the final map always reaches the head). With
     ``head_dim=None`` the pooled concat is the embedding (the zero-shot GAP baselines). The first
     ``frozen_units`` of ``backbone.units()`` are frozen. ``tap_norm`` L2-normalises each pooled tap before the
-    concat (ours; the paper concatenates them as they are).
+    concat (ours; the paper concatenates them as they are). ``residual`` replaces the dense head by a
+    :class:`ResidualHead` (ours: the embedding is the last map's, ``tap_channels["last"]``-d, plus a correction).
     """
 
     def __init__(self, backbone: nn.Module, taps: tuple[str, ...], head_dim: int | None, dropout: float, *,
                  variant: str, spec: PreprocessSpec, model_kwargs: dict[str, Any], frozen_units: int,
-                 tap_norm: bool = False, final_relu: bool = True):
+                 tap_norm: bool = False, final_relu: bool = True, residual: bool = False):
         super().__init__()
         unknown = [t for t in taps if t not in backbone.tap_channels]
         if unknown or not taps or taps[-1] != "last":
@@ -137,8 +161,11 @@ class MILDNet(ZooModel):
         self.backbone, self.taps, self.tap_norm = backbone, tuple(taps), tap_norm
         self.min_input_size = backbone.min_input_size
         self.pooled_dim = sum(backbone.tap_channels[t] for t in taps)
-        self.head = DenseHead(self.pooled_dim, head_dim, dropout, final_relu) if head_dim else None
-        self.embedding_dim = head_dim or self.pooled_dim
+        if head_dim and residual:
+            self.head = ResidualHead(self.pooled_dim, backbone.tap_channels["last"], head_dim, dropout)
+        else:
+            self.head = DenseHead(self.pooled_dim, head_dim, dropout, final_relu) if head_dim else None
+        self.embedding_dim = self.head.last_dim if residual and head_dim else head_dim or self.pooled_dim
         units = backbone.units()
         self.freeze(units[:frozen_units])  # requires_grad=False from the input up
         self._finish(variant, spec, model_kwargs)
