@@ -260,8 +260,10 @@ class FaissIndex(Index):
             cand = allowed if allowed is not None else np.fromiter(self._label_of.values(), np.int64)
             s, rows = exact_topk(self._vectors_of(cand), queries[short], want)
             scores[short], labels[short] = s, cand[rows]
-        return [[Hit(self._id_of[int(l)], float(s), dict(self._meta[int(l)]))
-                 for s, l in zip(srow, lrow) if l >= 0] for srow, lrow in zip(scores, labels)]
+        # Python lists, not numpy scalars: at 1M items this loop costs as much as the IVF-PQ search itself
+        id_of, meta = self._id_of, self._meta
+        return [[Hit(id_of[l], s, dict(meta[l])) for s, l in zip(srow, lrow) if l >= 0]
+                for srow, lrow in zip(scores.tolist(), labels.tolist())]
 
     def _search_ivfpq(self, queries: np.ndarray, want: int, selector) -> tuple[np.ndarray, np.ndarray]:
         """Shortlist ``want * rerank_factor`` labels by PQ codes, then FAISS ranks the shortlist by the exact inner
