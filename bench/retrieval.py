@@ -13,7 +13,8 @@ default: whatever it builds at that size, with the shipped settings). Each is bu
 Timing rule, the same for every row including flat: one untimed warm-up call, then the best of ``--repeats``
 calls of ``Index.search`` with all ``--queries`` queries in one batch (Hit objects included: that is what a
 caller gets), FAISS limited to ``--threads`` threads. ``latency_ms``: one query per call, after one warm-up call,
-mean of ``--latency-queries`` calls. Every "x flat" divides by the flat queries/s of the same size and dimension
+mean of ``--latency-queries`` calls. ``index_mb``: the process's resident-memory growth over the build (what
+the built index holds: vectors, FAISS structures, ids). Every "x flat" divides by the flat queries/s of the same size and dimension
 measured in this run. Recall@10 = |top-10 ∩ exact top-10| / 10, averaged over the queries.
 
 Load: the 1-minute load average is recorded before and after (and before each size). A run that starts above
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -127,10 +129,10 @@ def recall_at(labels: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(labels, truth)]))
 
 
-def file_mb(index) -> float:
-    """Size of what ``save`` writes, less the id/metadata header: exact vectors + the FAISS structure."""
-    payload = index.to_payload()
-    return round((payload.vectors.nbytes + len(payload.blob)) / 2**20, 1)
+def resident_mb() -> float:
+    """This process's resident memory now (not the peak: large freed buffers go back to the OS)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def shipped(name: str, value) -> bool:
@@ -148,10 +150,15 @@ def bench_one(n: int, dim: int, args, rng) -> list[dict]:
     print(f"\n[{n} x {dim}] data {time.perf_counter() - t:.1f} s, load average {load}", flush=True)
 
     def build(kind: str, **params):
-        t = time.perf_counter()
+        """(index, build seconds, MB): the memory is what the built index holds (vectors, FAISS structures,
+        ids), as resident-memory growth; serialising a 1M x 1024 index to size it would need gigabytes more."""
+        gc.collect()
+        before, t = resident_mb(), time.perf_counter()
         index = create_index(dim, kind=kind, model_version="bench", **params)
         index.add(ids, base)
-        return index, time.perf_counter() - t
+        build_s = time.perf_counter() - t
+        gc.collect()
+        return index, build_s, round(resident_mb() - before, 1)
 
     def measure(name: str, index, params: dict, build_s: float, size_mb: float) -> dict:
         qps, labels = timed_search(index, queries, K, args.repeats)
@@ -171,22 +178,20 @@ def bench_one(n: int, dim: int, args, rng) -> list[dict]:
 
     # exact: the ground truth and the baseline, measured with the same rule as the others
     truth = flat_qps = None
-    flat, build_s = build("flat")
-    measure("flat", flat, {}, build_s, file_mb(flat))
+    flat, build_s, size = build("flat")
+    measure("flat", flat, {}, build_s, size)
     flat_qps, truth = rows[0]["qps"], measure.labels
     del flat
 
     if "hnsw" in args.kinds:
-        index, build_s = build("hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
-        size = file_mb(index)
+        index, build_s, size = build("hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
         for ef in args.ef_search:
             index.set_search_params(ef_search=ef)
             measure("hnsw", index, {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction,
                                     "ef_search": ef}, build_s, size)
         del index
     if "ivfpq" in args.kinds:
-        index, build_s = build("ivfpq", pq_dims_per_byte=args.pq_dims_per_byte)
-        size = file_mb(index)
+        index, build_s, size = build("ivfpq", pq_dims_per_byte=args.pq_dims_per_byte)
         for nprobe in args.nprobe:
             for factor in args.rerank_factor:
                 index.set_search_params(nprobe=nprobe, rerank_factor=factor)
@@ -194,8 +199,8 @@ def bench_one(n: int, dim: int, args, rng) -> list[dict]:
                                          "rerank_factor": factor}, build_s, size)
         del index
     if "auto" in args.kinds:  # the shipped default, shipped settings: what a user gets without choosing
-        index, build_s = build("auto")
-        measure("auto", index, {}, build_s, file_mb(index))
+        index, build_s, size = build("auto")
+        measure("auto", index, {}, build_s, size)
         del index
     if args.milvus_uri:
         bench_milvus(base, ids, queries, measure, args)

@@ -38,9 +38,10 @@ KINDS = ("auto", "flat", "hnsw", "ivfpq")
 # 0.946 at 1M with this graph (M=16, efConstruction=40); raise ef_search/hnsw_m for bigger catalogues.
 # At 1M on a quiet machine, IVF-PQ (sqrt(N) lists, 8 dims per code byte, 4 lists probed) shortlisting k*10
 # candidates that are re-ranked exactly reached recall@10 0.952 at 58x exact q/s at 512-d and 0.971 at 55x at
-# 1024-d (bench/results/retrieval_ivfpq_1m_m64.json, retrieval_ivfpq_1m_1024_m128.json), where this HNSW
-# reached 0.946 at 34x; at 100k HNSW is the better one. Between the two sizes is unmeasured:
-# the switch sits at 1M, where it was measured.
+# 1024-d (bench/results/retrieval_ivfpq_1m_m64.json, retrieval_ivfpq_1m_1024_m128.json: raw FAISS
+# IndexRefineFlat, the re-ranking this module now does inside FAISS too), where this HNSW reached 0.946 at 34x;
+# at 100k HNSW is the better one. Between the two sizes is unmeasured: the switch sits at 1M, where it was
+# measured. The shipped code's own figures: bench/retrieval.py, docs/results.md.
 AUTO_THRESHOLD = 50_000
 IVFPQ_MIN_TRAIN = 1_000  # PQ needs 256 training points per sub-quantizer; IVF needs >= nlist
 DEFAULT_PARAMS: dict[str, Any] = {
