@@ -359,3 +359,19 @@ def test_ivfpq_file_with_a_foreign_faiss_structure_says_rebuild(tmp_path):
     write_index_file(path, payload)
     with pytest.raises(IndexFileError, match="rebuild the index"):
         load_index(path)
+
+
+@pytest.mark.parametrize("nprobe,factor", [(4, 10), (8, 3)])
+def test_ivfpq_search_equals_faiss_index_refine_flat(nprobe, factor):
+    """The shipped re-rank returns what FAISS's own IndexRefineFlat returns over the same trained IVF-PQ."""
+    import faiss
+
+    index, ids, vecs, _ = make(3000, "ivfpq", nprobe=nprobe, rerank_factor=factor)
+    refine = faiss.IndexRefineFlat(index._ann, faiss.swig_ptr(vecs))  # labels 0..n-1 = rows of vecs here
+    params = faiss.IndexRefineSearchParameters(k_factor=factor, base_index_params=faiss.SearchParametersIVF(
+        nprobe=nprobe))
+    queries = unit(100, seed=21)
+    want_s, want_l = refine.search(queries, 10, params=params)
+    got = index.search(queries, k=10)
+    assert [[h.id for h in row] for row in got] == [[ids[i] for i in row] for row in want_l]
+    np.testing.assert_allclose([[h.score for h in row] for row in got], want_s, rtol=1e-5, atol=1e-5)
