@@ -92,7 +92,7 @@ class FaissIndex(Index):
         self._index = self._new_faiss_index(self._built_kind)
         self._ann: faiss.IndexIVFPQ | None = None  # ivfpq: the shortlist index (labels = ours)
         self._trained_n = 0
-        self._row_labels: np.ndarray | None = None  # ivfpq: label of each exact-store row (see _labels_by_row)
+        self._row_labels: tuple[np.ndarray, np.ndarray] | None = None  # ivfpq: see _row_map
 
     # ---- construction --------------------------------------------------------------------------------
     def _new_faiss_index(self, kind: str) -> faiss.IndexIDMap2:
@@ -273,9 +273,9 @@ class FaissIndex(Index):
         shortlist holds fewer than ``want`` candidates come back with -1 labels (the caller falls back)."""
         params = faiss.SearchParametersIVF(sel=selector, nprobe=int(self.params["nprobe"]))
         _, short = self._ann.search(queries, want * int(self.params["rerank_factor"]), params=params)  # (Q, S)
-        labels_by_row = self._labels_by_row()
+        labels_by_row, row_of_label = self._row_map()
         # IVF pads a short list with -1 at its end; FAISS's re-rank stops at the first -1, so keep them there
-        rows = np.where(short >= 0, np.searchsorted(labels_by_row, short), -1)
+        rows = np.where(short >= 0, row_of_label[short], -1)
         flat = faiss.downcast_index(self._index.index)
         scores = np.empty((len(queries), want), np.float32)
         found = np.empty((len(queries), want), np.int64)
@@ -285,14 +285,15 @@ class FaissIndex(Index):
             rows.shape[1], want, faiss.swig_ptr(scores), faiss.swig_ptr(found), rows.shape[1])
         return scores, np.where(found >= 0, labels_by_row[np.maximum(found, 0)], -1)
 
-    def _labels_by_row(self) -> np.ndarray:
-        """The label of each row of the exact store, ascending (labels are handed out in increasing order and
-        IndexFlat's remove keeps the order of what is left), cached until the next add/remove/rebuild."""
+    def _row_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """(label of each exact-store row, row of each label or -1), cached until the next add/remove/rebuild.
+        A gather through a dense label -> row array: a binary search of every shortlisted label cost as much as
+        the search itself at 1M items."""
         if self._row_labels is None:
             labels = faiss.vector_to_array(self._index.id_map)
-            if len(labels) > 1 and not (np.diff(labels) > 0).all():  # would mis-map every shortlist silently
-                raise RuntimeError("faiss index: exact-store labels out of order; rebuild the index")
-            self._row_labels = labels
+            row_of_label = np.full(max(self._next_label, 1), -1, np.int64)
+            row_of_label[labels] = np.arange(len(labels))
+            self._row_labels = (labels, row_of_label)
         return self._row_labels
 
     # ---- persistence ---------------------------------------------------------------------------------
