@@ -367,7 +367,7 @@ def render_headline() -> str:
     m = s["model"]
     hits1, hits5 = round(s["top1"] * s["queries"]), round(s["top5"] * s["queries"])
     return (f"The demo (`{m['variant']}`, {m['epochs']} epochs at {m['input_size']} px) finds the right product "
-            f"first for {hits1} of {s['queries']} held-out photos and in the top 5 for {hits5}, among "
+            f"first for {hits1} of {s['queries']} query photos and in the top 5 for {hits5}, among "
             f"{s['catalogue_items']} catalogue items, in {s['seconds'] / 60:.1f} min from scratch "
             "([all results](docs/results.md)). " + source(["demo.json"], "make demo-record"))
 
