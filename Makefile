@@ -59,7 +59,7 @@ DEMO_ARGS ?=
 demo: $(BUILD_STAMP)
 	$(PY) client/demo.py $(DEMO_ARGS)
 
-# The demo, also recording the README's figures (bench/results/demo.json, docs/img/demo_query.png).
+# The demo, also recording its figures (bench/results/demo.json, docs/img/demo_query.png) for docs/results.md.
 demo-record: $(BUILD_STAMP)
 	$(PY) client/demo.py --record $(DEMO_ARGS)
 	$(PY) bench/report.py
@@ -72,7 +72,7 @@ UI_ARGS ?=
 ui: $(BUILD_STAMP)
 	$(PY) -m mildnet ui $(UI_ARGS)
 
-# Every benchmark (JSON in bench/results/), then the README's tables from them.
+# Every benchmark (JSON in bench/results/), then docs/results.md and the README headline from them.
 bench: $(BUILD_STAMP)
 	for b in bench/*.py; do [ $$b = bench/report.py ] || $(PY) $$b || exit 1; done
 	$(PY) bench/report.py

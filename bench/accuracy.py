@@ -107,7 +107,11 @@ def _paper_recipe(items, split, pooled, work: Path, args) -> tuple:
     model = load_checkpoint(work / "best.pt")
     return model, {"seconds": round(time.time() - t0, 1), "best_epoch": res["best"].get("epoch"),
                    "epochs": PAPER_EPOCHS,
-                   "selected_by": "lowest dev contrastive loss (the paper's rule), dev = held-out photos"}
+                   "selected_by": "lowest dev contrastive loss (the paper's rule), dev = held-out photos",
+                   "recipe": {"triplets_per_photo": options.per_query, "in_class_ratio": options.in_class_ratio,
+                              "hard_ratio": options.hard_ratio, "loss": cfg.loss, "optimizer": cfg.optimizer,
+                              "lr": cfg.lr, "batch_size": cfg.batch_size, "augment": cfg.augment,
+                              "freeze_backbone": cfg.freeze_backbone}}
 
 
 def _metrics(emb: np.ndarray, items, roles: list[int], catalogue: list[int], n_boot: int) -> tuple[dict, dict]:
@@ -166,6 +170,7 @@ def main() -> int:
     result = {"benchmark": "accuracy", "dataset": "Grocery Store (train + val photos, 81 catalogue images)",
               "settings": {"model": args.model, "zero_shot": args.zero_shot, "input_size": args.input_size,
                            "seed": args.seed, "bootstrap": args.bootstrap,
+                           "backbone": "frozen: every image's taps pooled once, heads trained on them",
                            "selection": "dev split only (dev_unseen + dev_seen, carved from the training "
                                         "products); the reported splits are touched once, at the end",
                            "grocery": _rel(Path(args.grocery))},

@@ -229,3 +229,180 @@ def test_reference_is_the_eager_composition():
     features = make_features(3, 4, "nchw", torch.float32)
     expected = torch.cat([F.normalize(t.mean((2, 3)), dim=1) for t in features], 1)
     torch.testing.assert_close(gap_concat_reference(features, True), expected)
+
+
+# ---- first-run CUDA bugs: alignment, streams, the torch stack on CUDA, the zoo's real tap shapes ------------------
+# They skip without a GPU (bench/gpu_check.sh runs every `cuda`-marked test once on a machine that has one). The
+# CPU parametrisations run everywhere.
+
+
+def cuda_only(test):
+    """Marked ``cuda`` (bench/gpu_check.sh selects these) and skipped where no GPU is visible."""
+    return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU")(test))
+
+
+# Channel counts of the headline models' channels_last taps (MILDNet-Mobile / EfficientNet-Lite0) and a few more:
+# multiples of 4 (float4 loads) and of 8 (half/bfloat16), one of 2 only, one odd.
+TAP_CHANNELS = [24, 40, 112, 320, 1280, 8, 6, 3]
+
+
+def channels_last_map(n: int, c: int, h: int, w: int, dtype: torch.dtype, device: str, offset: int) -> torch.Tensor:
+    """A dense channels_last ``Tensor[n, c, h, w]`` whose data starts ``offset`` elements into its storage
+    (offset 1: the data pointer is off 16-byte alignment, so 128-bit loads must not be used)."""
+    storage = torch.randn(n * h * w * c + offset, device=device, dtype=dtype)
+    f = storage[offset:].view(n, h, w, c).permute(0, 3, 1, 2)
+    assert f.is_contiguous(memory_format=torch.channels_last) and f.storage_offset() == offset
+    return f
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offset", [0, 1, 2])
+@pytest.mark.parametrize("c", TAP_CHANNELS)
+def test_channels_last_at_any_storage_offset(device, dtype, offset, c):
+    torch.manual_seed(c + offset)
+    maps = [channels_last_map(2, c, 7, 5, dtype, device, offset), channels_last_map(2, c, 3, 3, dtype, device, offset)]
+    for l2 in (False, True):
+        assert_matches_reference(gap_concat(maps, l2), gap_concat_reference(maps, l2))
+    grad = torch.randn(2, c, device=device, dtype=dtype)
+    x = maps[0].detach().requires_grad_()
+    (gap_concat([x]) * grad).sum().backward()
+    torch.testing.assert_close(x.grad.double(), (grad[:, :, None, None] / 35).expand_as(x).double(),
+                               atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("c", [24, 40])
+def test_channels_last_batch_stride_off_alignment(device, c):
+    """Dense channels_last rows, but each image starts one element after the previous one ends: rows of image 0
+    are aligned, those of image 1 are not (only N == 1 may ignore the batch stride)."""
+    n, h, w = 3, 4, 5
+    storage = torch.randn(n * (h * w * c + 1), device=device)
+    f = storage.as_strided((n, c, h, w), (h * w * c + 1, 1, w * c, c))
+    odd_rows = torch.randn(n, h, w, c + 1, device=device)[..., :c].permute(0, 3, 1, 2)  # row stride c + 1
+    for maps in ([f], [odd_rows], [f[:1]], [f, odd_rows, channels_last_map(3, 40, 2, 2, torch.float32, device, 3)]):
+        assert_matches_reference(gap_concat(maps, True), gap_concat_reference(maps, True))
+
+
+@needs_extension
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@cuda_only
+def test_cuda_result_is_ordered_on_the_callers_stream(memory_format):
+    """Inputs written on a side stream after a long GPU sleep, the op called on that stream, and the result read
+    after synchronising THAT stream only: a launch on any other stream reads the inputs before they are written."""
+    torch.manual_seed(0)
+    sources = [torch.randn(4, c, 14, 14, device="cuda").contiguous(memory_format=memory_format)
+               for c in (24, 40, 112)]
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        maps = [torch.zeros_like(s) for s in sources]
+        torch.cuda._sleep(50_000_000)  # ~tens of ms of GPU time before the inputs exist
+        for m, s in zip(maps, sources):
+            m.copy_(s)
+        out = gap_concat(maps, True)
+    side.synchronize()
+    expected = gap_concat_reference([s.cpu() for s in sources], True)
+    assert_matches_reference(out.cpu(), expected)
+
+
+
+@needs_extension
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "misaligned"])
+@pytest.mark.parametrize("l2", [False, True])
+@cuda_only
+def test_opcheck_cuda(layout, l2):
+    if layout == "misaligned":
+        features = [channels_last_map(2, c, 5, 3, torch.float32, "cuda", 1) for c in (24, 40)]
+    else:
+        features = make_features(2, 3, layout, torch.float32, "cuda")
+    features = [f.requires_grad_() for f in features]
+    torch.library.opcheck(torch.ops.mildnet.gap_concat_forward.default, (features, l2, 1e-12))
+    out, pooled = torch.ops.mildnet.gap_concat_forward(features, l2, 1e-12)
+    detached = [f.detach() for f in features]
+    torch.library.opcheck(torch.ops.mildnet.gap_concat_backward.default,
+                          (torch.randn_like(out), pooled.detach(), detached, l2, 1e-12))
+
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@cuda_only
+def test_torch_compile_cuda(dtype):
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    features = [torch.randn(2, c, 7, 7, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+                .requires_grad_() for c in (24, 40, 112)]
+    compiled = torch.compile(lambda fs: gap_concat(fs, True), fullgraph=True, backend="inductor")
+    out = compiled(features)
+    assert out.device.type == "cuda"
+    assert_matches_reference(out, gap_concat_reference(features, True))
+    out.float().square().sum().backward()
+    grads = [f.grad.clone() for f in features]
+    for f in features:
+        f.grad = None
+    gap_concat_reference(features, True).float().square().sum().backward()
+    for f, g in zip(features, grads):
+        torch.testing.assert_close(g.double(), f.grad.double(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+
+@needs_extension
+@cuda_only
+def test_torch_export_cuda():
+
+    class Head(torch.nn.Module):
+        def forward(self, a, b):
+            return gap_concat([a, b], l2_normalize=True)
+
+    def inputs():
+        return (torch.randn(2, 24, 7, 7, device="cuda").contiguous(memory_format=torch.channels_last),
+                torch.randn(2, 1280, 3, 3, device="cuda").contiguous(memory_format=torch.channels_last))
+
+    exported = torch.export.export(Head(), inputs())
+    assert "mildnet.gap_concat" in str(exported.graph)
+    a, b = inputs()
+    out = exported.module()(a, b)
+    assert out.device.type == "cuda"
+    assert_matches_reference(out, gap_concat_reference([a, b], True))
+
+
+
+def _zoo_with_taps() -> list[str]:
+    from mildnet.models import create, list_models
+
+    return [name for name in list_models() if hasattr(create(name), "tap_maps")]
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@cuda_only
+def test_cuda_every_zoo_models_real_taps(dtype):
+    """The tapped maps each zoo model really produces (channels_last, at its own input size) pooled on the GPU in
+    this dtype, and the same maps at a misaligned storage offset, against the reference."""
+    from mildnet.models import create
+
+    names = _zoo_with_taps()
+    assert names, "no zoo model exposes its taps"
+    torch.manual_seed(0)
+    for name in names:
+        model = create(name).eval().cuda()
+        size = model.spec.input_size
+        with torch.no_grad():
+            maps = [m.to(dtype) for m in model.tap_maps(torch.randn(2, 3, size, size, device="cuda")
+                                                        .contiguous(memory_format=torch.channels_last))]
+        shifted = []
+        for m in maps:
+            s = channels_last_map(*m.shape, dtype, "cuda", 1)
+            s.copy_(m)
+            shifted.append(s)
+        for fs in (maps, shifted):
+            try:
+                assert_matches_reference(gap_concat(fs, True), gap_concat_reference(fs, True))
+            except AssertionError as e:
+                raise AssertionError(f"{name} taps {[tuple(m.shape) for m in fs]} "
+                                     f"{[m.stride() for m in fs]}: {e}") from None
+        del model
+

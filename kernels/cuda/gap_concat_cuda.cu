@@ -1,16 +1,20 @@
 // CUDA kernels of mildnet::gap_concat_forward / gap_concat_backward.
 //
-// Forward = three stream-ordered steps: zero the fp32 sum buffer, ONE pooling launch over all K maps (a by-value
-// descriptor table of pointers/shapes/strides, as apex's multi_tensor_apply; K > 16 maps take one launch per 16),
-// then one tiny finalise launch that divides by H*W, applies the optional L2 normalisation and casts.
+// Forward, stream-ordered on the current stream: one zero-fill of the fp32 sum buffer (at::zeros), then for each
+// group of up to 16 maps (a by-value descriptor table of pointers/shapes/strides, as apex's multi_tensor_apply)
+// one pooling launch and one tiny finalize launch that divides by H*W, applies the optional L2 normalisation and
+// casts. The usual 3-5 taps: 3 launches; 17 maps: 5.
 // Pooling paths, chosen per map on the host:
 //   kPlanes        NCHW: one warp per (n, c, segment of <= 4096 elements): 128-bit loads with scalar head/tail,
 //                  warp-shuffle reduction, one atomicAdd per warp (only big planes are split into segments).
-//   kChannelsLast  NHWC with C | 256 * V (V = elements per 128-bit load): one block per (n, chunk of rows); the
-//                  chunk is contiguous, and thread t always meets the same V channels, so it keeps V register
-//                  accumulators; a shared-memory pass folds the threads that share channels.
+//   kChannelsLast  NHWC with V | C (V = elements per 128-bit load), 16-byte-aligned data and batch stride: one
+//                  block per (n, chunk of rows, slice of <= 256 * V channels). Thread t reads one 128-bit vector
+//                  per row, always the same V channels of the slice (t mod G, G = vectors per slice row), rows
+//                  t / G, t / G + L / G, ... (L = the largest multiple of G <= 256 threads; the rest idle), so it
+//                  keeps V register accumulators; a shared-memory pass folds the threads that share channels.
+//                  The headline taps (C = 24, 40, 112, 320, 1280) take this path in every dtype.
 //   kStrided       anything else: one warp per (n, 32 channels, segment of hw), lane = channel, read by strides.
-// Backward: ONE launch for all maps writes grad_out[n, c] / (H*W) into each dense NCHW / NHWC gradient with
+// Backward: after grad_of_pooled (a few ATen ops), one launch per group of up to 16 maps writes grad_out[n, c] / (H*W) into each dense NCHW / NHWC gradient with
 // 128-bit stores where the layout allows (HW or C divisible by V), scalar stores otherwise.
 #include "../gap_concat.h"
 
@@ -45,6 +49,8 @@ struct MapDesc {
   int64_t tasks;        // warp tasks (planes/strided), block tasks (channels_last), vector units (backward)
   int64_t splits;       // segments per plane / row chunks per image / hw segments
   int64_t seg;          // elements per segment / rows per chunk / hw per segment
+  int64_t slices;       // channels_last: channel slices per row chunk
+  int64_t slice_vecs;   // channels_last: 128-bit vectors per slice row (G)
   int path;             // PathKind (forward); 1 = vectorised (backward)
 };
 
@@ -156,28 +162,32 @@ __global__ void __launch_bounds__(kThreads) pool_kernel(const MapTable table, ty
     }
   } else if (d.path == kPathChannelsLast) {
     __shared__ A partial[kThreads * V];
-    const int64_t n = local / d.splits, chunk = local % d.splits;
+    const int64_t slice = local % d.slices, nchunk = local / d.slices;
+    const int64_t n = nchunk / d.splits, chunk = nchunk % d.splits;
+    const int64_t G = min64(d.slice_vecs, d.C / V - slice * d.slice_vecs);  // the last slice may be narrower
+    const int64_t rows_per_step = kThreads / G;  // L = rows_per_step * G threads work, the rest idle
     const int64_t r0 = chunk * d.seg, r1 = min64(d.HW, r0 + d.seg);
-    const uint4* rows = reinterpret_cast<const uint4*>(base + n * d.sN + r0 * d.C);
-    const int64_t nvec = r1 > r0 ? (r1 - r0) * d.C / V : 0;
+    const uint4* vecs = reinterpret_cast<const uint4*>(base + n * d.sN) + slice * d.slice_vecs;
+    const int64_t row_vecs = d.C / V, g = threadIdx.x % G;
     A acc[V] = {};
-    // kThreads * V is a multiple of C, so vector i and vector i + kThreads hold the same channels.
-    for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
-      A v[V];
-      unpack<T, A>(rows[i], v);
+    if (threadIdx.x < rows_per_step * G) {
+      for (int64_t r = r0 + threadIdx.x / G; r < r1; r += rows_per_step) {
+        A v[V];
+        unpack<T, A>(vecs[r * row_vecs + g], v);
 #pragma unroll
-      for (int j = 0; j < V; ++j) acc[j] += v[j];
+        for (int j = 0; j < V; ++j) acc[j] += v[j];
+      }
     }
 #pragma unroll
     for (int j = 0; j < V; ++j) partial[threadIdx.x * V + j] = acc[j];
     __syncthreads();
-    // thread t covers channels (t * V) % C ... + V - 1; threads t, t + C/V, t + 2C/V, ... share them.
-    const int64_t groups = d.C / V, sharers = kThreads * V / d.C;
-    for (int64_t c = threadIdx.x; c < d.C; c += kThreads) {
+    // threads g, g + G, g + 2G, ... (< L) hold the same V channels of the slice.
+    for (int64_t c = threadIdx.x; c < G * V; c += kThreads) {
       A total = 0;
-      for (int64_t m = 0; m < sharers; ++m) total += partial[(c / V + m * groups) * V + c % V];
-      if (d.splits == 1) sums[n * table.ld + d.col + c] = total;
-      else atomicAdd(&sums[n * table.ld + d.col + c], total);
+      for (int64_t m = 0; m < rows_per_step; ++m) total += partial[(c / V + m * G) * V + c % V];
+      A* dst = &sums[n * table.ld + d.col + slice * d.slice_vecs * V + c];
+      if (d.splits == 1) *dst = total;  // sole writer: deterministic
+      else atomicAdd(dst, total);
     }
   } else {  // kPathStrided: lane = channel
     const int64_t task = local * kWarps + warp;  // (n, channel group, hw segment)
@@ -270,7 +280,10 @@ MapDesc describe(const at::Tensor& f, int64_t col) {
 int64_t plan_pool(MapDesc& d, const at::Tensor& f) {
   const int64_t V = 16 / f.element_size();
   const MapLayout layout = classify_layout(f);
-  const bool aligned = reinterpret_cast<uintptr_t>(f.const_data_ptr()) % 16 == 0 && (d.sN * f.element_size()) % 16 == 0;
+  // 128-bit loads need every row start 16-byte aligned: the data pointer (storage offset included), the batch
+  // stride (irrelevant when N == 1: a size-1 dim may carry any stride) and the row length C * element size.
+  const bool aligned = reinterpret_cast<uintptr_t>(f.const_data_ptr()) % 16 == 0 &&
+                       (d.N == 1 || (d.sN * f.element_size()) % 16 == 0) && d.C % V == 0;
   if (d.N == 0 || d.C == 0) return 0;
   if (layout == MapLayout::kPlanes) {
     d.path = kPathPlanes;
@@ -279,11 +292,14 @@ int64_t plan_pool(MapDesc& d, const at::Tensor& f) {
     d.tasks = d.N * d.C * d.splits;
     return ceil_div(d.tasks, kWarps);
   }
-  if (layout == MapLayout::kChannelsLast && aligned && d.C % V == 0 && (kThreads * V) % d.C == 0) {
+  if (layout == MapLayout::kChannelsLast && aligned && d.C / V <= kThreads * kThreads) {  // slices stay non-empty
     d.path = kPathChannelsLast;
-    d.splits = std::max<int64_t>(1, ceil_div(d.HW * d.C, kRowsChunk));
+    const int64_t row_vecs = d.C / V;
+    d.slices = ceil_div(row_vecs, kThreads);
+    d.slice_vecs = ceil_div(row_vecs, d.slices);  // balanced slices, each <= kThreads vectors wide
+    d.splits = std::max<int64_t>(1, ceil_div(d.HW * d.slice_vecs * V, kRowsChunk));
     d.seg = ceil_div(d.HW, d.splits);
-    d.tasks = d.N * d.splits;
+    d.tasks = d.N * d.splits * d.slices;
     return d.tasks;
   }
   d.path = kPathStrided;

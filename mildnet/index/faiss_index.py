@@ -4,7 +4,8 @@ Kinds:
 * ``flat``: exact inner-product search (``IndexFlatIP``). Best for small catalogues.
 * ``hnsw``: graph ANN (``IndexHNSWFlat``); params ``hnsw_m``, ``ef_construction``, ``ef_search``.
 * ``ivfpq``: IVF (sqrt(N) lists, ``nprobe`` visited) over PQ codes shortlists ``k * rerank_factor`` items,
-  re-ranked with the exact vectors (kept in a flat store); retrained when the index grows 4x. Until it has
+  which FAISS re-ranks with the exact vectors (kept in a flat store; one multi-threaded C++ call, as
+  ``IndexRefineFlat`` does); retrained when the index grows 4x. Until it has
   ``IVFPQ_MIN_TRAIN`` items to train on, it searches exactly.
 * ``auto`` (default): ``flat`` below ``auto_threshold``, ``hnsw`` up to ``ivfpq_threshold``, ``ivfpq`` above
   (the index switches when an ``add`` crosses a threshold). Thresholds and defaults come from
@@ -37,9 +38,10 @@ KINDS = ("auto", "flat", "hnsw", "ivfpq")
 # 0.946 at 1M with this graph (M=16, efConstruction=40); raise ef_search/hnsw_m for bigger catalogues.
 # At 1M on a quiet machine, IVF-PQ (sqrt(N) lists, 8 dims per code byte, 4 lists probed) shortlisting k*10
 # candidates that are re-ranked exactly reached recall@10 0.952 at 58x exact q/s at 512-d and 0.971 at 55x at
-# 1024-d (bench/results/retrieval_ivfpq_1m_m64.json, retrieval_ivfpq_1m_1024_m128.json), where this HNSW
-# reached 0.946 at 34x; at 100k HNSW is the better one. Between the two sizes is unmeasured:
-# the switch sits at 1M, where it was measured.
+# 1024-d (bench/results/retrieval_ivfpq_1m_m64.json, retrieval_ivfpq_1m_1024_m128.json: raw FAISS
+# IndexRefineFlat, the re-ranking this module now does inside FAISS too), where this HNSW reached 0.946 at 34x;
+# at 100k HNSW is the better one. Between the two sizes is unmeasured: the switch sits at 1M, where it was
+# measured. The shipped code's own figures: bench/retrieval.py, docs/results.md.
 AUTO_THRESHOLD = 50_000
 IVFPQ_MIN_TRAIN = 1_000  # PQ needs 256 training points per sub-quantizer; IVF needs >= nlist
 DEFAULT_PARAMS: dict[str, Any] = {
@@ -52,7 +54,13 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "rerank_factor": 10,  # IVF-PQ shortlist = k * this, re-ranked with the exact vectors
     "pq_dims_per_byte": 8,  # finer codes make a better shortlist, so fewer lists and candidates suffice
 }
+SEARCH_PARAMS = ("ef_search", "nprobe", "rerank_factor")  # read at each search: changeable on a built index
 _TOMBSTONE_REBUILD_FRACTION = 0.25
+
+
+def _check_param(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"faiss index parameter {name} must be a positive integer, got {value!r}")
 
 
 class FaissIndex(Index):
@@ -71,8 +79,7 @@ class FaissIndex(Index):
                              f"(known: {', '.join(DEFAULT_PARAMS)})")
         self.params = {**DEFAULT_PARAMS, **params}
         for name, value in self.params.items():
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"faiss index parameter {name} must be a positive integer, got {value!r}")
+            _check_param(name, value)
         self.kind = kind
         self._label_of: dict[str, int] = {}  # id -> label, in insertion order
         self._id_of: dict[int, str] = {}
@@ -85,6 +92,7 @@ class FaissIndex(Index):
         self._index = self._new_faiss_index(self._built_kind)
         self._ann: faiss.IndexIVFPQ | None = None  # ivfpq: the shortlist index (labels = ours)
         self._trained_n = 0
+        self._row_labels: tuple[np.ndarray, np.ndarray] | None = None  # ivfpq: see _row_map
 
     # ---- construction --------------------------------------------------------------------------------
     def _new_faiss_index(self, kind: str) -> faiss.IndexIDMap2:
@@ -95,6 +103,17 @@ class FaissIndex(Index):
             inner.hnsw.efConstruction = int(self.params["ef_construction"])
             inner.hnsw.efSearch = int(self.params["ef_search"])
         return faiss.IndexIDMap2(inner)
+
+    def set_search_params(self, **params: Any) -> None:
+        """Change query-time settings (``ef_search``, ``nprobe``, ``rerank_factor``) without a rebuild: the
+        recall/speed knob of a built index. Build-time settings need a new index."""
+        unknown = set(params) - set(SEARCH_PARAMS)
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} cannot change after a build (query-time: {', '.join(SEARCH_PARAMS)})")
+        for name, value in params.items():
+            _check_param(name, value)
+        with self._lock:
+            self.params.update({name: int(value) for name, value in params.items()})
 
     @property
     def built_kind(self) -> str:
@@ -153,6 +172,7 @@ class FaissIndex(Index):
         return self._vectors_of(np.array([label]))[0], dict(self._meta[label])
 
     def _add(self, ids: list[str], vectors: np.ndarray, metadata: list[dict]) -> None:
+        self._row_labels = None
         labels = np.arange(self._next_label, self._next_label + len(ids), dtype=np.int64)
         self._index.add_with_ids(vectors, labels)
         self._next_label += len(ids)
@@ -185,6 +205,7 @@ class FaissIndex(Index):
             self._key_counts[key] += 1
 
     def _remove(self, ids: list[str]) -> None:
+        self._row_labels = None
         labels = [self._label_of.pop(i) for i in ids]
         for label in labels:
             del self._id_of[label]
@@ -240,28 +261,40 @@ class FaissIndex(Index):
             cand = allowed if allowed is not None else np.fromiter(self._label_of.values(), np.int64)
             s, rows = exact_topk(self._vectors_of(cand), queries[short], want)
             scores[short], labels[short] = s, cand[rows]
-        return [[Hit(self._id_of[int(l)], float(s), dict(self._meta[int(l)]))
-                 for s, l in zip(srow, lrow) if l >= 0] for srow, lrow in zip(scores, labels)]
+        # Python lists, not numpy scalars: at 1M items this loop costs as much as the IVF-PQ search itself
+        id_of, meta = self._id_of, self._meta
+        return [[Hit(id_of[l], s, dict(meta[l])) for s, l in zip(srow, lrow) if l >= 0]
+                for srow, lrow in zip(scores.tolist(), labels.tolist())]
 
     def _search_ivfpq(self, queries: np.ndarray, want: int, selector) -> tuple[np.ndarray, np.ndarray]:
-        """Shortlist ``want * rerank_factor`` by PQ codes, then rank the shortlist by exact inner product.
-        Rows whose shortlist holds fewer than ``want`` candidates come back as -1 (the caller falls back)."""
+        """Shortlist ``want * rerank_factor`` labels by PQ codes, then FAISS ranks the shortlist by the exact inner
+        product with the stored vectors (``knn_inner_products_by_idx``: what ``IndexRefineFlat`` does, but over
+        our label-keyed flat store, from which items can be removed; ``IndexRefine`` cannot remove). Rows whose
+        shortlist holds fewer than ``want`` candidates come back with -1 labels (the caller falls back)."""
         params = faiss.SearchParametersIVF(sel=selector, nprobe=int(self.params["nprobe"]))
         _, short = self._ann.search(queries, want * int(self.params["rerank_factor"]), params=params)  # (Q, S)
-        scores = np.full((len(queries), want), -np.inf, np.float32)
-        labels = np.full((len(queries), want), -1, np.int64)
-        full = np.flatnonzero((short >= 0).sum(axis=1) >= want)
-        for start in range(0, len(full), 256):  # chunks bound the gathered vectors: 256 x S x D floats
-            rows = full[start:start + 256]
-            cand = short[rows]  # (R, S), -1 = empty slot
-            vecs = self._vectors_of(np.where(cand >= 0, cand, cand.max()).ravel())  # (R*S, D)
-            s = np.matmul(vecs.reshape(*cand.shape, self.dim), queries[rows, :, None])[..., 0]  # (R, S)
-            s[cand < 0] = -np.inf
-            top = np.argpartition(-s, want - 1, axis=1)[:, :want]
-            order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
-            top = np.take_along_axis(top, order, 1)
-            scores[rows], labels[rows] = np.take_along_axis(s, top, 1), np.take_along_axis(cand, top, 1)
-        return scores, labels
+        labels_by_row, row_of_label = self._row_map()
+        # IVF pads a short list with -1 at its end; FAISS's re-rank stops at the first -1, so keep them there
+        rows = np.where(short >= 0, row_of_label[short], -1)
+        flat = faiss.downcast_index(self._index.index)
+        scores = np.empty((len(queries), want), np.float32)
+        found = np.empty((len(queries), want), np.int64)
+        # ld_ids given explicitly: FAISS's default (-1) strides the shortlist by ny (the store size), not nsubset
+        faiss.knn_inner_products_by_idx(
+            faiss.swig_ptr(queries), flat.get_xb(), faiss.swig_ptr(rows), self.dim, len(queries), flat.ntotal,
+            rows.shape[1], want, faiss.swig_ptr(scores), faiss.swig_ptr(found), rows.shape[1])
+        return scores, np.where(found >= 0, labels_by_row[np.maximum(found, 0)], -1)
+
+    def _row_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """(label of each exact-store row, row of each label or -1), cached until the next add/remove/rebuild.
+        A gather through a dense label -> row array: a binary search of every shortlisted label cost as much as
+        the search itself at 1M items."""
+        if self._row_labels is None:
+            labels = faiss.vector_to_array(self._index.id_map)
+            row_of_label = np.full(max(self._next_label, 1), -1, np.int64)
+            row_of_label[labels] = np.arange(len(labels))
+            self._row_labels = (labels, row_of_label)
+        return self._row_labels
 
     # ---- persistence ---------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -313,11 +346,17 @@ class FaissIndex(Index):
 
     def _restore_graph(self, payload: IndexPayload, saved: dict, source: str) -> None:
         h = payload.header
+        self._row_labels = None
         labels = [int(x) for x in saved["labels"]]
         try:
             graph = faiss.deserialize_index(np.frombuffer(payload.blob, dtype=np.uint8))
         except RuntimeError as e:
             raise IndexFileError(f"{source}: stored FAISS graph is unreadable ({str(e)[:120]})") from None
+        expected = faiss.IndexIVFPQ if saved["built_kind"] == "ivfpq" else faiss.IndexIDMap2
+        if not isinstance(faiss.downcast_index(graph), expected):  # e.g. written by another mildnet version
+            raise IndexFileError(f"{source}: stored FAISS structure is a {type(faiss.downcast_index(graph)).__name__}"
+                                 f", this version reads a {expected.__name__} for kind {saved['built_kind']!r}; "
+                                 "rebuild the index (`mildnet index CSV --out FILE`)")
         if (graph.d != self.dim or graph.ntotal != len(labels) + len(saved["deleted"])
                 or len(labels) != len(h["ids"])):
             raise IndexFileError(f"{source}: stored FAISS graph does not match the header "
