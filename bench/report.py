@@ -157,8 +157,10 @@ def render_accuracy() -> str:
             f"-image catalogue. Input {st['input_size']} px, backbone `{st['model']}`{backbone}. "
             f"Default recipe: {r['loss'].replace('_', '-')} loss on batches of {r['P']} products x {r['K']} images "
             f"(each slot but a product's first is its catalogue image with chance {r['catalogue_share']:g}; "
-            f"{r['catalogue_views']} augmented copies of each catalogue image), head "
-            f"{'with' if r['final_relu'] else 'without'} its final ReLU, AdamW lr {r['lr']:g}, weight decay "
+            f"{r['catalogue_views']} augmented copies of each catalogue image), "
+            + ("a residual head (the zero-shot embedding plus a learned correction that starts at zero)"
+               if r.get("residual") else f"head {'with' if r['final_relu'] else 'without'} its final ReLU")
+            + f", AdamW lr {r['lr']:g}, weight decay "
             f"{r['weight_decay']:g}, {r['epochs']} epochs, the best dev epoch kept"
             + (f" (settings: candidate `{chosen['candidate']}` of the study below)" if chosen else "")
             + f". Selection: {st['selection']}. Paper's recipe: {_paper_recipe(paper)}.", ""]
@@ -194,8 +196,9 @@ def render_accuracy() -> str:
             srows.append([f"`{cand}`" + (" (chosen)" if cand == chosen.get("candidate") else ""), change,
                           m["best_epoch"], f"{m['dev_selection_score']:.3f}",
                           *[_ci(m["dev"][role][k]) for role, k in STUDY_COLUMNS], f"{m['seconds']:.0f}"])
+        threads = f", trained with {st['threads']} thread(s)" if st.get("threads") else ""
         out += ["How the settings were chosen, on the dev split of the unseen-products scheme only (each candidate "
-                "changes the default in one way; dev score = mean of the three dev figures):", "",
+                f"changes the default as its row says; dev score = mean of the three dev figures{threads}):", "",
                 table(["candidate", "change", "kept epoch", "dev score", "dev unseen photo->photo mAP",
                        "dev unseen photo->catalogue R@5", "dev seen photo->catalogue R@1", "train s"], srows,
                       "llrrrrrr"), ""]
