@@ -45,9 +45,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import MildnetError
+
 # The sys.path folder this `mildnet` was imported from (a checkout, or site-packages): the Triton Python stubs
-# need it on their path. A code location, not a data one: nothing is read from or written there.
-IMPORT_ROOT = Path(__file__).resolve().parent.parent
+# need it on their path. Counted from this module's dotted name, so it stays right wherever the module lives.
+# A code location, not a data one: nothing is read from or written there.
+IMPORT_ROOT = Path(__file__).resolve().parents[__name__.count(".")]
 
 
 def default_build_dir() -> Path:
@@ -70,8 +73,12 @@ RESTRICTED_APIS = ("shared-memory", "model-repository", "logging", "trace")
 ADMIN_KEY_HEADER = "mildnet-admin-key"  # lower case: gRPC metadata keys must be
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(MildnetError, RuntimeError):
     """Triton could not be found or did not become ready; the message carries the tail of its log."""
+
+
+class ShmPrefixError(MildnetError, ValueError):
+    """A shared-memory prefix that could name another server's regions."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,7 @@ def remove_shm_regions(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
     Only for a prefix that belongs to a server that is no longer running: its Python stubs' regions are
     otherwise leaked for good when the server dies without unloading its models (crash, SIGKILL, OOM kill)."""
     if not prefix or "/" in prefix:
-        raise ValueError(f"not a shared-memory prefix: {prefix!r}")
+        raise ShmPrefixError(f"not a shared-memory prefix: {prefix!r}")
     removed = []
     try:
         entries = list(shm_dir.iterdir())
