@@ -399,10 +399,10 @@ def _hit_tensors(pb, hits: list[list], k: int) -> list:
     scores = np.full((n, k), np.nan, dtype=np.float32)
     meta = np.full((n, k), b"", dtype=object)
     for r, row in enumerate(hits):
-        for c, hit in enumerate(row[:k]):
-            ids[r, c] = hit.id.encode()
-            scores[r, c] = hit.score
-            meta[r, c] = json.dumps(hit.metadata, sort_keys=True).encode()
+        for col, hit in enumerate(row[:k]):
+            ids[r, col] = hit.id.encode()
+            scores[r, col] = hit.score
+            meta[r, col] = json.dumps(hit.metadata, sort_keys=True).encode()
     return [pb.Tensor(c.IDS, ids), pb.Tensor(c.SCORES, scores), pb.Tensor(c.METADATA, meta)]
 
 
