@@ -48,13 +48,14 @@ def default_index_path(repository) -> Path:
 # -- config parameters --------------------------------------------------------------------------------------------
 PYTHON_MODEL_PARAM = "mildnet_python_model"  # which class of mildnet.serving.triton the shell runs:
 EMBEDDER, PREPROCESSOR, SEARCHER = "embedder", "preprocessor", "searcher"  # ... one of these
-EMBEDDING_MODEL_PARAM = "embedding_model"  # preprocess/similar: the name of the embedding model
+EMBEDDING_MODEL_PARAM = "embedding_model"  # similar: the name of the embedding model it calls (BLS)
 EMBEDDING_BATCH_PARAM = "embedding_batch"  # similar: rows per BLS call to the embedding model
 INDEX_PATH_PARAM = "index_path"  # similar: empty = default_index_path(repository)
-_SERVED_PARAMS = ("variant", "embedding_dim", "spec", "model_version")
-SPEC_PARAM = "spec"
+SPEC_PARAM = "spec"  # the preprocessing spec as JSON: all that `preprocess` reads
+_SERVED_PARAMS = ("variant", "embedding_dim", SPEC_PARAM, "model_version")  # ServedModel: mildnet and similar
 
-# -- model_version: the identity an index records, "<variant>-<first 12 hex digits of the weights' sha256>" ----------
+# -- model_version: the identity an index records: "<variant>-<first 12 hex digits of a sha256>", of the source
+# checkpoint file (`mildnet export --checkpoint`), else of the exported weights (checkpoint.state_dict_sha256)
 MODEL_VERSION_DIGITS = 12
 _MODEL_VERSION_RE = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{%d}$" % MODEL_VERSION_DIGITS)
 
