@@ -423,3 +423,15 @@ def test_parse_filter_ok():
 
     assert parse_filter(b'{"category": "Apple"}', {"category"}) == {"category": "Apple"}
     assert parse_filter(b"", {"category"}) is None and parse_filter(None, None) is None
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_server_on_an_unexported_repository_says_to_export(tmp_path, exported):
+    """model_repository/ is build output: before `mildnet export` there is nothing (or no version) to serve."""
+    from mildnet.serving.server import ServerStartError, TritonServer
+
+    repo = tmp_path / "model_repository"
+    if exported:
+        (repo / "mildnet").mkdir(parents=True)  # a model folder without any version
+    with pytest.raises(ServerStartError, match="mildnet export"):
+        TritonServer(repo).start()

@@ -300,8 +300,9 @@ class TritonServer:
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
         """Launch and block until ``/v2/health/ready``; raise :class:`ServerStartError` with the log tail."""
-        if not self.repository.is_dir():
-            raise ServerStartError(f"model repository {self.repository} does not exist")
+        if not self.repository.is_dir():  # a repository is build output: `mildnet export` renders it
+            raise ServerStartError(f"model repository {self.repository} does not exist: run `mildnet export "
+                                   f"--checkpoint CKPT --repository {self.repository}` first")
         if not any(p.is_dir() and p.name.isdigit() for m in self.repository.iterdir() if m.is_dir()
                    for p in m.iterdir()):
             raise ServerStartError(f"{self.repository} holds no model version folders: run "
