@@ -15,12 +15,13 @@ export MAX_JOBS ?= 2
 KERNEL_SOURCES := $(shell find kernels -type f 2>/dev/null) setup.py
 PYTEST_ARGS ?=
 
-.PHONY: all venv build cmake-test browser test demo demo-record serve ui loadtest bench clean help
+.PHONY: all venv build cmake-test browser test demo demo-record serve model_repository ui loadtest bench clean help
 all: build
 
 help:
 	@echo "make demo   - set up, train briefly, export, serve, index, query, load-test, summary"
 	@echo "make test   - set up, build (C++ + CUDA where nvcc exists), ctest, pytest"
+	@echo "make model_repository CHECKPOINT=.. - export a checkpoint into model_repository (build output)"
 	@echo "make serve  - start Triton on model_repository (127.0.0.1)"
 	@echo "make ui     - the search page (127.0.0.1:8090) in front of a running Triton (UI_ARGS=--url ...)"
 	@echo "make bench  - run the benchmarks under bench/ (JSON in bench/results/)"
@@ -66,6 +67,13 @@ demo-record: $(BUILD_STAMP)
 
 serve: $(BUILD_STAMP)
 	$(PY) -m mildnet serve --repository model_repository
+
+# model_repository/ is build output (gitignored): `mildnet export` renders every model of it from the serving
+# contract (mildnet/serving/templates/). CHECKPOINT: a training run's best.pt (e.g. the demo's under work/demo/).
+CHECKPOINT ?=
+model_repository: $(BUILD_STAMP)
+	@test -n "$(CHECKPOINT)" || { echo "usage: make model_repository CHECKPOINT=path/to/best.pt"; exit 2; }
+	$(PY) -m mildnet export --checkpoint $(CHECKPOINT) --repository model_repository
 
 # The search page in front of a running Triton (`make serve`): http://127.0.0.1:8090/ by default.
 UI_ARGS ?=

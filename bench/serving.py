@@ -35,16 +35,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mildnet import models  # noqa: E402
-from mildnet.export import ServingConfig, export_model  # noqa: E402
+from mildnet.export import export_model  # noqa: E402
+from mildnet.serving import contract  # noqa: E402
+from mildnet.serving.repository import ServingConfig  # noqa: E402
 from mildnet.fileio import atomic_write_text  # noqa: E402
-from mildnet.remote import model_metrics  # noqa: E402
-from mildnet.serve import TritonServer  # noqa: E402
+from mildnet.serving.client import model_metrics  # noqa: E402
+from mildnet.serving.server import TritonServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 VARIANTS = {"mobile": "mildnet_mobile", "vgg16": "mildnet_vgg16"}
 # Triton model per batching mode. The default export sheds overload through a queue policy; Triton 2.51 then
 # stalls ~0.5 s now and then (docs/serving.md), so the same model without the policy is measured too.
-MODEL_OF_BATCHING = {"dynamic": "mildnet", "none": "mildnet_nobatch", "dynamic, no queue policy": "mildnet_nopolicy"}
+MODEL_OF_BATCHING = {"dynamic": contract.EMBEDDING_MODEL, "none": "mildnet_nobatch",
+                     "dynamic, no queue policy": "mildnet_nopolicy"}
 
 
 # -- in-process ----------------------------------------------------------------------------------------------------
@@ -107,7 +110,7 @@ def load_point(url: str, protocol: str, model: str, size: int, concurrency: int,
     clients = []
     for _ in range(concurrency):  # connect before the clock starts
         c = tc.InferenceServerClient(url)
-        inp = tc.InferInput("PIXELS", list(x.shape), "FP32")
+        inp = tc.InferInput(contract.PIXELS, list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         clients.append((c, inp))
     stop = threading.Event()
@@ -119,7 +122,7 @@ def load_point(url: str, protocol: str, model: str, size: int, concurrency: int,
 
     def client(i: int):
         c, inp = clients[i]
-        out = [tc.InferRequestedOutput("EMBEDDING")]
+        out = [tc.InferRequestedOutput(contract.EMBEDDING)]
         while not stop.is_set():
             start = time.perf_counter()
             try:

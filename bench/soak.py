@@ -5,7 +5,7 @@
     python bench/soak.py --duration 120           # a short look (what bench/results/soak.json holds now)
     python bench/soak.py --rate 20 --duration 3600 --similar-fraction 0.5
 
-It starts its own server (:class:`mildnet.serve.TritonServer`, free 127.0.0.1 ports) on a temporary copy of
+It starts its own server (:class:`mildnet.serving.server.TritonServer`, free 127.0.0.1 ports) on a temporary copy of
 ``model_repository/`` with a small exported model (seeded, untrained ``mildnet_mobile`` at ``--input-size``)
 and an index of real Grocery photos for ``similar``. Requests are scheduled open-loop at ``--rate`` per second
 (a slow answer does not slow the schedule, so queueing shows up in the latency instead of hiding), each one a
@@ -23,7 +23,7 @@ the requests are attacks, each of which must be refused with a clear error: bad 
 16-bit 6300 x 6300 PNG over the decode budget, a 20000 x 20000 header), malformed filters (nested 5000 deep,
 a list value), NaN pixels, shared-memory registration without the admin key; and, at most once every
 ``--crash-every`` seconds, the one-request crash of Triton 2.51 (a form-encoded body of 4 MB). The server runs
-under :func:`mildnet.serve.supervise`, as ``mildnet serve`` does. Reported: good requests served / failed,
+under :func:`mildnet.serving.server.supervise`, as ``mildnet serve`` does. Reported: good requests served / failed,
 failed good requests outside the restart windows (target 0), restarts and time to recover, attacks refused,
 memory, and this server's ``/dev/shm`` regions at the end (target: none left).
 """
@@ -34,7 +34,6 @@ import datetime as dt
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import threading
@@ -47,6 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 from mildnet.fileio import atomic_write_text  # noqa: E402
+from mildnet.serving import contract  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 GROCERY = Path(os.environ.get("MILDNET_GROCERY", ROOT.parent / "shared" / "data" / "grocery"))
 TARGET_FAILURES, TARGET_RSS_GROWTH = 0, 0.10
@@ -118,10 +118,10 @@ def prepare_repository(workdir: Path, variant: str, input_size: int, seed: int) 
     import torch
 
     from mildnet import models
-    from mildnet.export import ServingConfig, export_model
+    from mildnet.export import export_model
+    from mildnet.serving.repository import ServingConfig
 
     repo = workdir / "model_repository"
-    shutil.copytree(ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("[0-9]*", "index"))
     torch.manual_seed(seed)
     model = models.create(variant, pretrained=False, input_size=input_size).eval()
     export_model(model, repo, ServingConfig(max_batch_size=16, max_queue_delay_us=2000))
@@ -163,7 +163,7 @@ def make_attacks(photo: bytes, input_size: int) -> dict:
     else what went wrong. Crash attacks are separate (see run_load)."""
     import http.client
 
-    from mildnet.remote import RemoteInferenceError
+    from mildnet.serving.client import RemoteInferenceError
 
     bad_images = {"truncated jpeg": photo[: len(photo) * 6 // 10],
                   "html as image": b"<!doctype html><html><body>Not found</body></html>",
@@ -186,14 +186,16 @@ def make_attacks(photo: bytes, input_size: int) -> dict:
 
     def filt(text):
         def send(remote, server):
-            inputs = [("IMAGE", np.array([[photo]], dtype=object), "BYTES"), ("K", np.array([[2]], np.int32), "INT32"),
-                      ("FILTER", np.array([[text]], dtype=object), "BYTES")]
-            return refused(lambda: remote.infer("similar", inputs, ["IDS"]))
+            inputs = [(contract.IMAGE, np.array([[photo]], dtype=object), "BYTES"),
+                      (contract.K, np.array([[2]], np.int32), "INT32"),
+                      (contract.FILTER, np.array([[text]], dtype=object), "BYTES")]
+            return refused(lambda: remote.infer(contract.SIMILAR_MODEL, inputs, [contract.IDS]))
         return send
 
     def nan_pixels(remote, server):
         pixels = np.full((1, 3, input_size, input_size), np.nan, np.float32)
-        return refused(lambda: remote.infer("mildnet", [("PIXELS", pixels, "FP32")], ["EMBEDDING"]))
+        return refused(lambda: remote.infer(contract.EMBEDDING_MODEL, [(contract.PIXELS, pixels, "FP32")],
+                                            [contract.EMBEDDING]))
 
     def shm_register(remote, server):
         body = b'{"key": "' + server.shm_prefix.encode() + b'1", "offset": 0, "byte_size": 64}'
@@ -485,8 +487,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from mildnet.remote import TritonEmbedder
-    from mildnet.serve import TritonServer, supervise
+    from mildnet.serving.client import TritonEmbedder
+    from mildnet.serving.server import TritonServer, supervise
 
     torch.set_num_threads(1)
     photos = load_photos(args.photos)
@@ -502,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         with server:
             url = server.http_url if args.protocol == "http" else server.grpc_url
             with TritonEmbedder(url, protocol=args.protocol, concurrency=args.concurrency) as remote:
-                build_index(remote, photos, repo / "similar" / "index" / "catalogue.mindex")
+                build_index(remote, photos, contract.default_index_path(repo))
                 refs = remote.embed(photos)  # also the warm-up of both pipelines
                 remote.similar(photos[0], k=args.k)
                 shm["regions_at_start"], shm["region_bytes_at_start"] = shm_regions(server.shm_prefix)

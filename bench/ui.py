@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -44,12 +43,13 @@ def build_stack(work: Path, size: int, catalogue: int):
     import torch
 
     from mildnet import models
-    from mildnet.export import ServingConfig, export_model
+    from mildnet.export import export_model
+    from mildnet.serving.contract import default_index_path
+    from mildnet.serving.repository import ServingConfig
     from mildnet.imageio import preprocess
     from mildnet.index import create_index
 
     repo = work / "model_repository"
-    shutil.copytree(ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("[0-9]*", "index"))
     model = models.create("effnet_lite0_gap", pretrained=True, input_size=size).eval()
     # no queue policy: its occasional ~0.5 s stalls (docs/serving.md) would drown the difference measured here
     result = export_model(model, repo, ServingConfig(max_batch_size=8, max_queue_delay_us=2000, max_queue_size=0))
@@ -58,9 +58,9 @@ def build_stack(work: Path, size: int, catalogue: int):
     photos = photos[:catalogue]
     with torch.inference_mode():
         vectors = model(torch.stack([preprocess(p, model.spec) for p in photos])).numpy()
-    index = create_index(model.embedding_dim, kind="flat", model_version=result.info["model_version"])
+    index = create_index(model.embedding_dim, kind="flat", model_version=result.served.model_version)
     index.add([p.name for p in photos], vectors, [{"path": str(p), "category": p.parts[-3]} for p in photos])
-    index_path = repo / "similar" / "index" / "catalogue.mindex"
+    index_path = default_index_path(repo)
     index.save(index_path)
     query = GROCERY / "dataset" / (GROCERY / "dataset" / "val.txt").read_text().splitlines()[0].split(",")[0]
     return repo, index_path, query
@@ -103,8 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "ui.json")
     args = p.parse_args(argv)
 
-    from mildnet.remote import TritonEmbedder
-    from mildnet.serve import TritonServer
+    from mildnet.serving.client import TritonEmbedder
+    from mildnet.serving.server import TritonServer
     from mildnet.ui.app import UIConfig, create_app
     from mildnet.ui.server import PageServer
 

@@ -16,9 +16,9 @@ reuses it; the export and the index are reused while they
 match the checkpoint and the catalogue (an interrupted indexing run resumes from its journal). Queries, the
 load test and the reports run again. The server is always stopped, on errors and Ctrl-C too.
 
-The model repository defaults to WORK/model_repository (a copy of the committed templates): ``mildnet export``
-rewrites a repository's configs for the exported model, which would leave the checkout's model_repository/
-modified after every demo. ``--repository model_repository`` exports there instead (then ``make serve`` serves it).
+The model repository defaults to WORK/model_repository (rendered by ``mildnet export``, as every repository
+is); ``--repository model_repository`` exports into the checkout's (gitignored) one instead, which ``make serve``
+serves.
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ from mildnet.data.catalogue import (CatalogueItem, fashion_mnist_catalogue, groc
                                     write_catalogue)
 from mildnet import query  # noqa: E402  (the library behind client/query.py: run in-process, its contact sheet)
 from mildnet.fileio import atomic_write_text, sha256_file  # noqa: E402
+from mildnet.serving import contract  # noqa: E402
 from mildnet.metric_train import MetricConfig  # noqa: E402
 from mildnet.index.builder import Journal  # noqa: E402
 
@@ -246,20 +247,18 @@ def train_model(args, data: DemoData, work: Path, data_key: str) -> Path:
 
 def export_model(checkpoint: Path, repository: Path) -> str:
     """Export unless the repository's latest version already is this checkpoint; returns its model_version."""
-    from mildnet.triton_models import latest_export
+    from mildnet.serving.contract import ContractError, model_version
+    from mildnet.serving.repository import read_served
 
-    if not repository.is_dir():  # the committed configs and model.py templates, without versions or index
-        shutil.copytree(ROOT / "model_repository", repository,
-                        ignore=shutil.ignore_patterns("[0-9]*", "index", "__pycache__"))
     try:
-        latest = latest_export(repository / "mildnet")
-        if latest.raw.get("source_sha256") == sha256_file(checkpoint):
+        latest = read_served(repository)
+        if latest.model_version == model_version(latest.variant, sha256_file(checkpoint)):
             print(f"reusing the export: {repository}/mildnet/{latest.version} is {checkpoint}")
             return latest.model_version
-    except ValueError:  # nothing exported yet
+    except ContractError:  # nothing exported yet
         pass
     run_cmd(mildnet_cmd("export", "--checkpoint", checkpoint, "--repository", repository))
-    return latest_export(repository / "mildnet").model_version
+    return read_served(repository).model_version
 
 
 def build_index(data: DemoData, work: Path, data_key: str, index_file: Path, model_version: str,
@@ -430,12 +429,12 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
 
 
-SERVED_MODELS = ("mildnet_ensemble", "preprocess", "mildnet", "similar")
+SERVED_MODELS = (contract.ENSEMBLE_MODEL, contract.PREPROCESS_MODEL, contract.EMBEDDING_MODEL, contract.SIMILAR_MODEL)
 
 
 def served_times(metrics_url: str) -> dict[str, dict]:
     """Triton's cumulative counters of every served model (read before and after the load test)."""
-    from mildnet.remote import model_metrics
+    from mildnet.serving.client import model_metrics
 
     return {m: model_metrics(metrics_url, m) for m in SERVED_MODELS}
 
@@ -526,7 +525,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def demo(args: argparse.Namespace) -> dict:
-    from mildnet.serve import TritonServer
+    from mildnet.serving.server import TritonServer
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -560,7 +559,7 @@ def demo(args: argparse.Namespace) -> dict:
             server.start()
             print(f"ready: HTTP {server.http_url}, gRPC {server.grpc_url} (log {server.log_file})")
         with stages("index", "index the catalogue (client/index.py)"):
-            index_file = repository / "similar" / "index" / "catalogue.mindex"
+            index_file = contract.default_index_path(repository)
             summary["index"] = {"file": str(index_file), **build_index(data, work, data_key, index_file,
                                                                        model_version, server.http_url)}
         page_server = start_page(server.http_url, index_file, args.ui_port)
@@ -574,7 +573,7 @@ def demo(args: argparse.Namespace) -> dict:
             write_json(summary_file, summary)
         if args.locust_seconds:
             with stages("locust", f"load test: {args.locust_seconds} s, {args.locust_users} users (locust)"):
-                from mildnet.remote import time_per_request
+                from mildnet.serving.client import time_per_request
 
                 before = served_times(server.metrics_url)
                 summary["locust"] = run_locust(data.queries, work, server.http_url, server.grpc_url,

@@ -31,6 +31,8 @@ grpc_gevent.init_gevent()  # before tritonclient.grpc opens any channel
 import numpy as np  # noqa: E402
 from locust import HttpUser, User, between, events, task  # noqa: E402
 
+from mildnet.serving import contract as c  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "grocery" / "dataset" / "val"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -121,35 +123,35 @@ class _TritonUser(User):
             response_length=size, exception=exc, context={})
 
     def _image_input(self):
-        t = self._mod.InferInput("IMAGE", [1, 1], "BYTES")
+        t = self._mod.InferInput(c.IMAGE, [1, 1], "BYTES")
         t.set_data_from_numpy(np.array([[random.choice(_images)]], dtype=object))
         return t
 
     @task(3)
     def embed(self) -> None:
         def check(out):
-            e = out["EMBEDDING"]
+            e = out[c.EMBEDDING]
             if e is None or e.ndim != 2 or e.shape[0] != 1 or not np.isfinite(e).all():
                 raise ValueError(f"malformed EMBEDDING {None if e is None else e.shape}")
             if abs(float(np.linalg.norm(e)) - 1.0) > 1e-3:
                 raise ValueError("embedding is not unit-norm")
 
-        self._call("mildnet_ensemble", [self._image_input()], ["EMBEDDING"], check)
+        self._call(c.ENSEMBLE_MODEL, [self._image_input()], [c.EMBEDDING], check)
 
     @task(1)
     def similar(self) -> None:
-        k = self._mod.InferInput("K", [1, 1], "INT32")
+        k = self._mod.InferInput(c.K, [1, 1], "INT32")
         k.set_data_from_numpy(np.array([[self.k]], dtype=np.int32))
 
         def check(out):
-            ids, scores, meta = out["IDS"], out["SCORES"], out["METADATA"]
+            ids, scores, meta = out[c.IDS], out[c.SCORES], out[c.METADATA]
             if ids is None or ids.shape[-1] < 1 or scores.shape != ids.shape:
                 raise ValueError("similar returned no hits")
             if not np.all(np.diff(scores[0]) <= 1e-6):
                 raise ValueError("similar's scores are not sorted")
             json.loads(meta[0][0])
 
-        self._call("similar", [self._image_input(), k], ["IDS", "SCORES", "METADATA"], check)
+        self._call(c.SIMILAR_MODEL, [self._image_input(), k], list(c.SIMILAR_OUTPUTS), check)
 
 
 class HttpTritonUser(_TritonUser):

@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mildnet.train", "train a MILDNet model on triplets"),
     "eval": ("mildnet.evaluate", "triplet accuracy, retrieval metrics and a results page"),
     "export": ("mildnet.export", "export a checkpoint into a Triton model repository"),
-    "serve": ("mildnet.serve", "start Triton Inference Server on a model repository"),
+    "serve": ("mildnet.serving.server", "start Triton Inference Server on a model repository"),
     "index": ("mildnet.index.cli", "build or update a catalogue index through a running server"),
     "query": ("mildnet.query", "the catalogue items most similar to a photo, through a running server"),
     "ui": ("mildnet.ui.cli", "the search page (a web app) in front of a running Triton server"),

@@ -1,12 +1,14 @@
-"""Image decoding and its safety checks: the ONE function that turns untrusted bytes into pixels.
+"""The ONE pixel path: decode (with its safety checks) -> :func:`resize` (uint8) -> :func:`normalize` (float).
 
-Used by training data, the Triton ``preprocess`` model and the client alike, so a photo is read the same
-way everywhere: size-checked before decoding, EXIF orientation applied, any mode (greyscale, CMYK, 16-bit,
-palette, alpha, animated) turned into 8-bit RGB.
+Used by training data, evaluation, export warm-up, the Triton ``preprocess`` model and the client alike, so a
+photo is read the same way everywhere: size-checked before decoding, EXIF orientation applied, any mode
+(greyscale, CMYK, 16-bit, palette, alpha, animated) turned into 8-bit RGB, resized by the model's spec into
+``uint8`` pixels (what training caches and augments), then normalised into the model's float input.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 import warnings
 from pathlib import Path
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .errors import MildnetError
 from .spec import PreprocessSpec
 
 MAX_BYTES = 50 * 1024 * 1024  # 50 MiB of encoded image
@@ -38,7 +41,7 @@ DEFAULT_DECODE_BYTES_PER_PIXEL = 40  # a mode not listed: assume the dearest pat
 ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(MildnetError, ValueError):
     """An input could not be turned into an image; the message says why."""
 
 
@@ -171,9 +174,13 @@ def load_image(path: ImageSource, **kw) -> Image.Image:
     return decode_image(path, **kw)
 
 
-def image_to_tensor(img: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
-    """RGB PIL image -> normalised ``Tensor[3, S, S]`` float32 following ``spec``."""
-    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[spec.interpolation]
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def resize(img: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
+    """RGB PIL image -> ``uint8 Tensor[3, S, S]`` (RGB) following the spec's geometry: squash to S x S, or
+    shorter side to ``resize_size`` then a centre crop of S."""
+    resample = _RESAMPLE[spec.interpolation]
     s = spec.input_size
     if spec.resize_mode == "squash":
         img = img.resize((s, s), resample)
@@ -185,23 +192,42 @@ def image_to_tensor(img: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
         img = img.resize((nw, nh), resample)
         left, top = (nw - s) // 2, (nh - s) // 2
         img = img.crop((left, top, left + s, top + s))
-    a = np.asarray(img, dtype=np.float32)  # (H, W, 3) RGB
+    a = np.array(img, dtype=np.uint8)  # (H, W, 3) RGB, a writable copy
+    return torch.from_numpy(a).permute(2, 0, 1).contiguous()  # (3, S, S)
+
+
+def resize_key(spec: PreprocessSpec) -> str:
+    """What :func:`resize`'s pixels depend on (the spec's geometry): specs with equal keys give equal pixels."""
+    return json.dumps({k: getattr(spec, k) for k in ("input_size", "resize_mode", "resize_size", "interpolation")},
+                      sort_keys=True)
+
+
+def normalize(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """``uint8 Tensor[3, S, S]`` or ``[N, 3, S, S]`` (RGB, from :func:`resize`) -> float32 model input:
+    ``(x / 255 - mean) / std`` in the spec's colour order; a batch comes back channels_last."""
+    x = images.float()
+    mean, std = spec.mean, spec.std
     if spec.colour == "BGR":
-        a = a[..., ::-1]
-    x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)  # (3, H, W)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
-    if spec.colour == "BGR":
-        mean, std = mean.flip(0), std.flip(0)
-    return ((x / 255.0 - mean) / std).contiguous()
+        x = x.flip(-3)
+        mean, std = mean[::-1], std[::-1]
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    x = (x / 255.0 - mean_t) / std_t
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x.contiguous()
 
 
 def needed_size(spec: PreprocessSpec) -> int:
-    """The smallest short side :func:`image_to_tensor` can use without upscaling (draft-mode JPEG decoding)."""
+    """The smallest short side :func:`resize` can use without upscaling (draft-mode JPEG decoding)."""
     return max(spec.input_size, spec.resize_size or 0)
 
 
-def preprocess(source: ImageSource, spec: PreprocessSpec, **kw) -> torch.Tensor:
-    """Bytes or path -> model input ``Tensor[3, S, S]``: :func:`decode_image` then :func:`image_to_tensor`."""
+def decode_resized(source: ImageSource, spec: PreprocessSpec, **kw) -> torch.Tensor:
+    """Bytes or path -> ``uint8 Tensor[3, S, S]``: :func:`decode_image` (a big JPEG decoded at the reduced scale
+    the spec allows) then :func:`resize`. What training caches, and what serving normalises."""
     kw.setdefault("min_size", needed_size(spec))
-    return image_to_tensor(decode_image(source, **kw), spec)
+    return resize(decode_image(source, **kw), spec)
+
+
+def preprocess(source: ImageSource, spec: PreprocessSpec, **kw) -> torch.Tensor:
+    """Bytes or path -> model input ``float32 Tensor[3, S, S]``: :func:`decode_resized` then :func:`normalize`."""
+    return normalize(decode_resized(source, spec, **kw), spec)

@@ -37,7 +37,8 @@ from .data.catalogue import CatalogueItem
 from .data.datasets import ImageCache, embed_items
 from .data.samplers import PKSampler
 from .data.splits import ProtocolSplit
-from .data.transforms import RetrievalAugment, normalize
+from .data.transforms import RetrievalAugment
+from .imageio import normalize
 from .fileio import atomic_write_text
 from .losses import BATCH_LOSSES, NormSoftmax, ProxyAnchor, multi_similarity
 from .metrics import split_report, summarise

@@ -53,7 +53,7 @@ def parse_filter(pairs: Sequence[str] | None) -> dict[str, Any] | None:
 def search(image: bytes, k: int, filter: dict | None, urls: list[str], protocol: str,
            index_path: Path | None) -> list[Hit]:
     """Top-k hits for one encoded image, server-side (``similar``) or with a local index file."""
-    from .remote import TritonEmbedder
+    from .serving.client import TritonEmbedder
 
     with TritonEmbedder(urls, protocol=protocol) as embedder:
         if index_path is None:
@@ -198,7 +198,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 
 def run(args: argparse.Namespace, prog: str = "mildnet query") -> int:
-    from .remote import ModelNotReady, ServerSideError, ServerUnavailable
+    from .serving.client import ModelNotReady, ServerSideError, ServerUnavailable
 
     urls = args.urls or (["localhost:8001"] if args.protocol == "grpc" else ["localhost:8000"])
     try:

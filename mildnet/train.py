@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .checkpoint import CheckpointError, atomic_torch_save, save_checkpoint
 from .data.datasets import ImageCache, TripletDataset, _seed, embed_images, stack_triplets
-from .data.transforms import PaperAugment, normalize
+from .data.transforms import PaperAugment
+from .imageio import normalize
 from .data.triplets import read_triplets
 from .fileio import atomic_open, atomic_write_text
 from .losses import BATCH_LOSSES, LOSSES, distance, get_loss, split_triplets, triplet_correct

@@ -30,9 +30,9 @@ def grocery_photos(grocery_root) -> list[Path]:
     return out
 
 
-# ---- Triton serving fixtures (issue 5: mildnet.export / mildnet.serve) ----------------------------------------
+# ---- Triton serving fixtures (issue 5: mildnet.export / mildnet.serving.server) --------------------------------
 # ONE real server per test session (the machine is shared): an untrained, seeded MILDNet-Mobile at 96 px,
-# exported into a temp copy of model_repository/, with a small catalogue index of real photos for `similar`.
+# exported (rendered by `mildnet export`) into a temp model repository, with a small catalogue index of real photos for `similar`.
 SERVED_VARIANT = "mildnet_mobile"
 SERVED_INPUT_SIZE = 96
 SERVED_SEED = 0
@@ -40,21 +40,20 @@ SERVED_SEED = 0
 
 @pytest.fixture(scope="session")
 def served_repository(tmp_path_factory):
-    """(repository path, in-process model, export info): the exported model and the oracle it must match."""
-    import shutil
-
+    """(repository path, in-process model, its mildnet.serving.contract.ServedModel): the exported model and the
+    oracle it must match."""
     import torch
 
     from mildnet import models
-    from mildnet.export import ServingConfig, export_model
+    from mildnet.export import export_model
+    from mildnet.serving.repository import ServingConfig
 
     repo = tmp_path_factory.mktemp("triton") / "model_repository"
-    shutil.copytree(ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("[0-9]*", "index"))
     torch.manual_seed(SERVED_SEED)
     model = models.create(SERVED_VARIANT, pretrained=False, input_size=SERVED_INPUT_SIZE).eval()
     result = export_model(model, repo, ServingConfig(max_batch_size=16, max_queue_delay_us=5000))
     served = models.load_checkpoint(result.version_dir / "model.pt").eval()
-    return repo, served, result.info
+    return repo, served, result.served
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +68,7 @@ def catalogue_index(served_repository, grocery_photos):
     with torch.inference_mode():
         x = torch.stack([preprocess(p, model.spec) for p in grocery_photos])
         vectors = model(x).numpy()
-    index = create_index(model.embedding_dim, kind="flat", model_version=info["model_version"])
+    index = create_index(model.embedding_dim, kind="flat", model_version=info.model_version)
     ids = [p.stem for p in grocery_photos]
     # train/<Fruit|Packages|Vegetables>/<coarse class>/...: filterable metadata
     meta = [{"group": p.relative_to(GROCERY / "dataset").parts[1],
@@ -83,7 +82,7 @@ def catalogue_index(served_repository, grocery_photos):
 @pytest.fixture(scope="session")
 def triton_server(served_repository, catalogue_index):
     """A real tritonserver on free 127.0.0.1 ports over the exported repository; stopped at session end."""
-    from mildnet.serve import TritonServer
+    from mildnet.serving.server import TritonServer
 
     repo, _, _ = served_repository
     with TritonServer(repo, poll_secs=1, log_file=repo.parent / "tritonserver.log") as server:

@@ -24,7 +24,7 @@ from PIL import Image
 
 from mildnet.imageio import MAX_BYTES, preprocess
 from mildnet.index import MAX_K
-from mildnet.remote import RemoteInferenceError, TritonEmbedder
+from mildnet.serving.client import RemoteInferenceError, TritonEmbedder
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -350,7 +350,7 @@ def test_cli_export_refuses_bad_checkpoint(tmp_path, content, message):
 @pytest.mark.parametrize("case", ["zero bytes", "html posing as jpeg", "truncated jpeg", "20000x20000 header",
                                   "decompression bomb"])
 def test_query_script_refuses_bad_image_without_a_server(tmp_path, photo, case):
-    from mildnet.serve import free_port
+    from mildnet.serving.server import free_port
 
     make, message = BAD_IMAGES[case]
     image = tmp_path / "query.jpg"
@@ -414,7 +414,7 @@ def test_query_html_page_escapes_metadata(triton_server, served_repository, groc
 
     _, model, info = served_repository
     photos = [p.read_bytes() for p in grocery_photos[:3]]
-    index = create_index(model.embedding_dim, kind="flat", model_version=info["model_version"])
+    index = create_index(model.embedding_dim, kind="flat", model_version=info.model_version)
     index.add([EVIL_ID, "b", "c"], in_process(model, photos),
               [{"category": EVIL, "path": str(grocery_photos[i])} for i in range(3)])
     index.save(tmp_path / "evil.mindex")

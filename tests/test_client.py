@@ -274,7 +274,7 @@ def built_index(tmp_path_factory, triton_server, catalogue_rows):
 
 @pytest.fixture(scope="module")
 def remote(triton_server):
-    from mildnet.remote import TritonEmbedder
+    from mildnet.serving.client import TritonEmbedder
 
     with TritonEmbedder(triton_server.http_url, concurrency=4) as r:
         yield r
@@ -334,7 +334,7 @@ def test_query_script_server_side_similar_table_and_sheets(tmp_path, triton_serv
 
 @pytest.mark.server
 def test_query_script_clear_errors(tmp_path, triton_server, grocery_photos, built_index):
-    from mildnet.serve import free_port
+    from mildnet.serving.server import free_port
 
     r = run(QUERY_PY, grocery_photos[0], "--url", f"127.0.0.1:{free_port()}")
     assert r.returncode == 3 and "cannot reach Triton" in r.stderr and "Traceback" not in r.stderr
@@ -395,7 +395,7 @@ def test_refuses_other_model_version(tmp_path, triton_server, built_index, remot
 
 def settled_count(metrics_url: str, model: str, timeout: float = 20.0) -> float:
     """Triton refreshes counters every ~2 s: read until two reads agree."""
-    from mildnet.remote import model_metrics
+    from mildnet.serving.client import model_metrics
 
     last, deadline = None, time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -465,7 +465,7 @@ def test_milvus_backend_through_the_client(tmp_path, triton_server, built_index,
 @pytest.mark.server
 @pytest.mark.slow
 def test_two_replicas_share_the_indexing_load(tmp_path, triton_server, served_repository, catalogue_rows):
-    from mildnet.serve import TritonServer
+    from mildnet.serving.server import TritonServer
 
     repo, _, _ = served_repository
     cat = write_catalogue(tmp_path, catalogue_rows)

@@ -1,4 +1,5 @@
-"""`mildnet export`: numbered versions, spec.json, generated config.pbtxt (parsed as Triton's protobuf), CLI."""
+"""`mildnet export`: numbered versions, config.pbtxt rendered from the serving contract (parsed as Triton's
+protobuf), CLI."""
 from __future__ import annotations
 
 import json
@@ -13,12 +14,12 @@ from tritonclient.grpc import model_config_pb2
 from mildnet import models
 from mildnet.checkpoint import save_checkpoint
 from mildnet.cli import main as cli_main
-from mildnet.export import TEMPLATES, ServingConfig, export_model
+from mildnet.export import export_model
 from mildnet.fileio import sha256_file
-from mildnet.spec import PreprocessSpec
-from mildnet.triton_models import ServedModelInfo, latest_export
+from mildnet.serving import contract
+from mildnet.serving.repository import TEMPLATES, ServingConfig, read_served
 
-ROOT_MODELS = ("mildnet", "preprocess", "mildnet_ensemble", "similar")
+ROOT_MODELS = (contract.EMBEDDING_MODEL, contract.PREPROCESS_MODEL, contract.ENSEMBLE_MODEL, contract.SIMILAR_MODEL)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,15 +47,14 @@ def test_export_writes_numbered_versions_and_keeps_old_ones(tmp_path, small_mode
     second = export_model(small_model, repo, source_checkpoint=checkpoint)
     assert (first.version, second.version) == (1, 2)
     for v in ("1", "2"):
-        assert sorted(p.name for p in (repo / "mildnet" / v).iterdir()) == ["__pycache__", "model.pt", "model.py",
-                                                                           "spec.json"]
+        assert sorted(p.name for p in (repo / "mildnet" / v).iterdir()) == ["__pycache__", "model.pt", "model.py"]
     assert not [p for p in (repo / "mildnet").iterdir() if p.name.startswith(".")]  # no temp folders left
-    info = json.loads((repo / "mildnet" / "2" / "spec.json").read_text())
-    assert info["variant"] == "mildnet_mobile" and info["embedding_dim"] == small_model.embedding_dim
-    assert PreprocessSpec.from_dict(info["spec"]) == small_model.spec
-    assert info["source_sha256"] == sha256_file(checkpoint)
-    assert info["model_version"] == f"mildnet_mobile-{sha256_file(checkpoint)[:12]}"
-    assert latest_export(repo / "mildnet").version == 2
+    served = read_served(repo)  # what the rendered config says, read back
+    assert served == second.served
+    assert served.variant == "mildnet_mobile" and served.embedding_dim == small_model.embedding_dim
+    assert served.spec == small_model.spec and served.version == 2
+    assert second.source_sha256 == sha256_file(checkpoint)
+    assert served.model_version == f"mildnet_mobile-{sha256_file(checkpoint)[:12]}"
 
 
 def test_exported_weights_reload_to_the_same_model(tmp_path, small_model):
@@ -63,7 +63,7 @@ def test_exported_weights_reload_to_the_same_model(tmp_path, small_model):
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(reloaded(x), small_model(x))
-    assert ServedModelInfo.read(result.version_dir).spec == reloaded.spec
+    assert read_served(tmp_path).spec == reloaded.spec
 
 
 @pytest.mark.parametrize("kind,instances,dynamic", [("cpu", 1, True), ("gpu", 2, True), ("cpu", 1, False)])
@@ -84,6 +84,13 @@ def test_configs_parse_and_follow_the_spec(tmp_path, small_model, kind, instance
         assert policy.max_queue_size > 0 and policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
     assert list(emb.model_warmup[0].inputs["PIXELS"].dims) == [3, 64, 64]
     assert json.loads(emb.parameters["spec"].string_value) == small_model.spec.to_dict()
+    # the contract travels in each Python model's own config: nothing reads another model's folder
+    params = {m: {k: v.string_value for k, v in configs[m].parameters.items()} for m in ROOT_MODELS}
+    served = contract.ServedModel.from_parameters(params["mildnet"])
+    assert contract.ServedModel.from_parameters(params["similar"]) == served
+    assert contract.spec_from_parameters(params["preprocess"]) == small_model.spec
+    assert {params[m][contract.PYTHON_MODEL_PARAM] for m in ("mildnet", "preprocess", "similar")} == {
+        contract.EMBEDDER, contract.PREPROCESSOR, contract.SEARCHER}
     assert list(configs["preprocess"].output[0].dims) == [3, 64, 64]
     steps = configs["mildnet_ensemble"].ensemble_scheduling.step
     assert [s.model_name for s in steps] == ["preprocess", "mildnet"]
@@ -99,11 +106,13 @@ def test_max_queue_size_zero_drops_the_queue_policy(small_model, tmp_path):
         ServingConfig(max_queue_size=-1)
 
 
-def test_committed_repository_configs_parse():
-    for m in ROOT_MODELS:
-        assert parse_config(ROOT / "model_repository" / m / "config.pbtxt").name == m
-        if m != "mildnet_ensemble":  # the model.py shells are package data (an installed wheel exports too)
-            assert "TritonPythonModel" in (TEMPLATES / f"{m}.py").read_text()
+def test_one_generic_shell_in_every_python_model(tmp_path, small_model):
+    """The model.py shell is package data (an installed wheel exports too), the same file in every model."""
+    export_model(small_model, tmp_path)
+    shell = (TEMPLATES / contract.MODEL_FILE).read_text()
+    assert "TritonPythonModel" in shell and contract.PYTHON_MODEL_PARAM in shell
+    for folder in ("mildnet/1", "preprocess/1", "similar/1"):
+        assert (tmp_path / folder / contract.MODEL_FILE).read_text() == shell
 
 
 def test_reexport_leaves_unchanged_pipeline_files_alone(tmp_path, small_model):
@@ -168,11 +177,13 @@ def test_bad_serving_config(kw, message):
         ServingConfig(**kw)
 
 
-def test_exported_versions_are_gitignored_templates_are_not():
+def test_the_checkouts_repository_is_build_output_templates_are_not():
+    """An export into ./model_repository never leaves the checkout dirty: the whole folder is rendered."""
     def ignored(path: str) -> bool:
         return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
 
-    assert ignored("model_repository/mildnet/7/model.pt") and ignored("model_repository/preprocess/1/model.py")
+    assert ignored("model_repository/mildnet/7/model.pt") and ignored("model_repository/mildnet/config.pbtxt")
     assert ignored("model_repository/similar/index/catalogue.mindex")
-    assert not ignored("model_repository/mildnet/config.pbtxt") and not ignored("model_repository/mildnet/model.py")
+    assert not ignored("mildnet/serving/templates/model.py")
+    assert not ignored("mildnet/serving/templates/embedding.pbtxt")
 

@@ -19,7 +19,7 @@ import torch
 
 from mildnet.imageio import preprocess
 from mildnet.index import create_index, load_index
-from mildnet.remote import ServerUnavailable, TritonEmbedder
+from mildnet.serving.client import ServerUnavailable, TritonEmbedder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_server_killed_during_load_then_restarted(served_repository, catalogue_i
     """kill -9 tritonserver while HTTP and gRPC clients send requests: every failure is a clear
     ServerUnavailable (no hang, no wrong answer); TritonServer.stop() then leaves none of its stubs; after a
     restart on the same ports the SAME client objects get the same embeddings and hits as before."""
-    from mildnet.serve import TritonServer, free_port
+    from mildnet.serving.server import TritonServer, free_port
 
     repo, model, _ = served_repository
     photos = [p.read_bytes() for p in grocery_photos[:4]]
@@ -139,7 +139,7 @@ def test_server_killed_during_load_then_restarted(served_repository, catalogue_i
 def test_stop_kills_the_process_group_of_a_dead_server(tmp_path):
     """The same without Triton: a server process is kill -9'd, its children (the stubs) live on as orphans;
     TritonServer.stop() still kills them."""
-    from mildnet.serve import TritonServer
+    from mildnet.serving.server import TritonServer
 
     server = TritonServer(tmp_path)
     server.process = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300 & wait"], start_new_session=True)
@@ -171,7 +171,7 @@ def test_stop_kills_the_process_group_of_a_dead_server(tmp_path):
     (Exception("exceeds maximum queue size"), False),  # overload is the server answering, not down
 ])
 def test_errors_meaning_server_down_are_server_unavailable(exc, unreachable):
-    from mildnet.remote import RemoteInferenceError, _classify
+    from mildnet.serving.client import RemoteInferenceError, _classify
 
     got = _classify(exc, "127.0.0.1:1", "mildnet_ensemble")
     assert isinstance(got, ServerUnavailable if unreachable else RemoteInferenceError), repr(got)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mildnet.imageio import ImageDecodeError, decode_image, image_to_tensor, preprocess
+from mildnet.imageio import ImageDecodeError, decode_image, normalize, preprocess, resize
 from mildnet.spec import IMAGENET, KERAS_01, PreprocessSpec
 
 
@@ -106,17 +106,25 @@ def test_one_by_one_image_decodes():
 
 
 @pytest.mark.parametrize("spec", [KERAS_01, IMAGENET, PreprocessSpec(input_size=64, resize_mode="crop", resize_size=72)])
-def test_image_to_tensor_follows_spec(photo, spec):
-    x = image_to_tensor(photo, spec)
-    assert x.shape == (3, spec.input_size, spec.input_size) and x.dtype == torch.float32
-    white = image_to_tensor(Image.new("RGB", (5, 7), (255, 255, 255)), spec)
+def test_resize_then_normalize_follow_spec(photo, spec):
+    pixels = resize(photo, spec)
+    assert pixels.shape == (3, spec.input_size, spec.input_size) and pixels.dtype == torch.uint8
+    x = normalize(pixels, spec)
+    assert x.shape == pixels.shape and x.dtype == torch.float32
+    white = normalize(resize(Image.new("RGB", (5, 7), (255, 255, 255)), spec), spec)
     expected = (1.0 - torch.tensor(spec.mean)) / torch.tensor(spec.std)
     torch.testing.assert_close(white[:, 0, 0], expected)
+    # a batch normalises exactly as its images one by one (training normalises batches, serving one image)
+    batch = normalize(torch.stack([pixels, pixels.flip(2)]), spec)
+    assert torch.equal(batch[0], x) and torch.equal(batch[1], normalize(pixels.flip(2), spec))
 
 
 def test_bgr_spec_reverses_channels():
     red = Image.new("RGB", (4, 4), (255, 0, 0))
-    x = image_to_tensor(red, KERAS_01.replace(colour="BGR", input_size=4))
+    spec = KERAS_01.replace(colour="BGR", input_size=4)
+    pixels = resize(red, spec)
+    assert pixels[0, 0, 0] == 255 and pixels[2, 0, 0] == 0  # resize keeps RGB: colour order is normalize's
+    x = normalize(pixels, spec)
     assert x[2, 0, 0] == 1.0 and x[0, 0, 0] == 0.0
 
 

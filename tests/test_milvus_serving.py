@@ -22,7 +22,7 @@ if os.environ.get("MILDNET_SKIP_MILVUS") == "1":
 import pymilvus  # noqa: E402,F401  (ImportError fails the run: the dependency is required)
 
 from mildnet.index import create_index, load_index  # noqa: E402
-from mildnet.serve import free_port  # noqa: E402
+from mildnet.serving.server import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 INDEX_PY = ROOT / "client" / "index.py"
@@ -89,13 +89,13 @@ def _top_ids(remote, photo: Path, k: int = 3) -> list[str]:
 @pytest.mark.server
 @pytest.mark.slow
 def test_two_replicas_share_one_collection(tmp_path, milvus_server, served_repository, grocery_photos):
-    from mildnet.remote import TritonEmbedder
+    from mildnet.serving.client import TritonEmbedder
 
     repo, model, info = served_repository
     photos, held_back = grocery_photos[:-1], grocery_photos[-1]
     vectors = embed(model, grocery_photos)
     index = create_index(model.embedding_dim, backend="milvus", uri=milvus_server.uri, collection="replicas",
-                         model_version=info["model_version"])
+                         model_version=info.model_version)
     descriptor = tmp_path / "catalogue.mindex"
     replicas = []
     try:

@@ -192,7 +192,7 @@ def wheel(tmp_path_factory) -> Path:
     with tarfile.open(sdist) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     assert {"kernels/gap_concat.h", "kernels/cuda/gap_concat_cuda.cu", "setup.py", "pyproject.toml",
-            "mildnet/triton_templates/similar.py"} <= names
+            "mildnet/serving/templates/model.py"} <= names
     return whl
 
 
@@ -202,7 +202,8 @@ def test_wheel_in_a_fresh_venv_exports_serves_indexes_and_queries(wheel, tmp_pat
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    assert {f"mildnet/triton_templates/{m}.py" for m in ("mildnet", "preprocess", "similar")} <= names
+    assert {f"mildnet/serving/templates/{t}" for t in ("model.py", "embedding.pbtxt", "preprocess.pbtxt",
+                                                        "ensemble.pbtxt", "similar.pbtxt")} <= names
     assert any(re.fullmatch(r"mildnet/_C\.cpython-.*\.so", n) for n in names)
     assert not any(n.startswith(("client/", "tests/", "model_repository/")) for n in names)
 

@@ -22,7 +22,7 @@ from mildnet import imageio
 from mildnet.data.catalogue import CatalogueError, folder_catalogue, index_entries, load_catalogue
 from mildnet.imageio import ImageDecodeError, check_request, decode_cost, decode_image
 from mildnet.index import create_index
-from mildnet.triton_models import MAX_FILTER_BYTES, degenerate_embedding, parse_filter
+from mildnet.serving.triton import MAX_FILTER_BYTES, degenerate_embedding, parse_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from mildnet.imageio import MAX_BYTES
+from mildnet.serving.client import TritonEmbedder
+from mildnet.serving.contract import ENSEMBLE_MODEL, IMAGE
 
 SHM = Path("/dev/shm")
 BIG = MAX_BYTES + 10 * 2**20  # over the per-image cap, so the preprocess model refuses it after the copy
@@ -28,7 +30,7 @@ def _region_bytes(prefix: str) -> int:
 
 def _post_image_bytes(url: str, model: str, body: bytes) -> tuple[int, str]:
     """One raw KServe v2 binary request of ``body`` as the IMAGE input -> (HTTP status, response text)."""
-    header = json.dumps({"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES",
+    header = json.dumps({"inputs": [{"name": IMAGE, "shape": [1, 1], "datatype": "BYTES",
                                      "parameters": {"binary_data_size": len(body) + 4}}]}).encode()
     request = urllib.request.Request(f"http://{url}/v2/models/{model}/infer",
                                      data=header + struct.pack("<I", len(body)) + body,
@@ -42,13 +44,11 @@ def _post_image_bytes(url: str, model: str, body: bytes) -> tuple[int, str]:
 
 
 def test_huge_requests_grow_one_region_once_and_are_refused(triton_server, served_repository, grocery_photos):
-    from mildnet.remote import TritonEmbedder
-
     prefix = triton_server.shm_prefix
     body = b"\xff" * BIG
     sizes = []
     for _ in range(3):
-        status, text = _post_image_bytes(triton_server.http_url, "mildnet_ensemble", body)
+        status, text = _post_image_bytes(triton_server.http_url, ENSEMBLE_MODEL, body)
         assert status == 400 and f"{BIG} bytes, more than the {MAX_BYTES} allowed" in text, (status, text[:300])
         sizes.append(_region_bytes(prefix))
     # The first request grows the stub's region to hold the body; the next two reuse it.
@@ -57,4 +57,4 @@ def test_huge_requests_grow_one_region_once_and_are_refused(triton_server, serve
 
     with TritonEmbedder(triton_server.http_url) as client:
         vector = client.embed_one(grocery_photos[0].read_bytes())
-    assert vector.shape == (served_repository[2]["embedding_dim"],) and np.isfinite(vector).all()
+    assert vector.shape == (served_repository[2].embedding_dim,) and np.isfinite(vector).all()

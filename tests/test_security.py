@@ -15,7 +15,7 @@ import torch
 from mildnet.checkpoint import CheckpointError, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-SCANNED = ["mildnet", "client", "model_repository", "bench", "tests", "setup.py"]
+SCANNED = ["mildnet", "client", "bench", "tests", "setup.py"]
 
 
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -25,7 +25,7 @@ def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 # -- servers bind 127.0.0.1 unless told otherwise ---------------------------------------------------------------------
 def test_server_command_binds_loopback_by_default(tmp_path):
-    from mildnet.serve import TritonServer, find_tritonserver
+    from mildnet.serving.server import TritonServer, find_tritonserver
 
     server = TritonServer(tmp_path)
     server.installation, server.ports = find_tritonserver(), {"http": 1, "grpc": 2, "metrics": 3}
@@ -40,7 +40,7 @@ def test_server_command_binds_loopback_by_default(tmp_path):
 def test_serve_cli_default_host_is_loopback():
     import argparse
 
-    from mildnet.serve import configure_parser
+    from mildnet.serving.server import configure_parser
 
     parser = argparse.ArgumentParser()
     configure_parser(parser)
@@ -87,7 +87,7 @@ def test_running_server_listens_on_loopback_only(triton_server):
 def test_query_script_refuses_oversized_file(tmp_path):
     """A file over imageio.MAX_BYTES is refused with the limit named (a sparse file: no disk used)."""
     from mildnet.imageio import MAX_BYTES
-    from mildnet.serve import free_port
+    from mildnet.serving.server import free_port
 
     big = tmp_path / "huge.jpg"
     with open(big, "wb") as f:
@@ -101,7 +101,7 @@ def test_triton_request_size_flag_is_used_where_it_exists(tmp_path):
     """Triton >= 2.55 caps HTTP request bodies (--http-max-input-size); 2.51 from the pytriton wheel has no such
     flag, so the cap there is imageio.MAX_BYTES per image (tests/test_bad_input.py::test_image_over_max_bytes_refused)
     and the PIXELS shape check of `mildnet`. When the flag exists, TritonServer must pass it."""
-    from mildnet.serve import TritonServer, _server_env, find_tritonserver
+    from mildnet.serving.server import TritonServer, _server_env, find_tritonserver
 
     inst = find_tritonserver()
     help_text = subprocess.run([str(inst.binary), "--help"], capture_output=True, text=True, timeout=60,
@@ -276,7 +276,7 @@ def test_bit_flip_in_checkpoint_weights_detected(small_checkpoint, tmp_path):
 ])
 def test_query_script_refuses_damaged_index(tmp_path, grocery_photos, damage, message):
     from mildnet.index import create_index
-    from mildnet.serve import free_port
+    from mildnet.serving.server import free_port
 
     index = create_index(8, kind="flat", model_version="m")
     index.add([f"i{n}" for n in range(4)], np.eye(8, dtype=np.float32)[:4], [{"n": n} for n in range(4)])
@@ -294,7 +294,7 @@ def test_served_index_damaged_then_restored(triton_server, catalogue_index, groc
     the file, not the server's path, and never echoes the file's bytes (the issue: `bad magic b'root:x:0'` for a
     symlink to /etc/passwd). It is the server's problem, not the request's: HTTP 500 / gRPC INTERNAL, and
     query.py exits 3."""
-    from mildnet.remote import ServerSideError, TritonEmbedder
+    from mildnet.serving.client import ServerSideError, TritonEmbedder
 
     path, ids, _ = catalogue_index
     original = path.read_bytes()

@@ -13,7 +13,7 @@ import torch
 
 from mildnet.imageio import preprocess
 from mildnet.index import MAX_K
-from mildnet.remote import (ModelNotReady, RemoteInferenceError, ServerUnavailable, TritonEmbedder,
+from mildnet.serving.client import (ModelNotReady, RemoteInferenceError, ServerUnavailable, TritonEmbedder,
                             model_metrics, time_per_request)
 
 
@@ -77,11 +77,31 @@ def test_embeddings_equal_in_process(remote, served_repository, photos):
 
 
 @pytest.mark.server
+def test_triton_sees_the_pixels_training_sees(http_remote, served_repository, grocery_photos, tmp_path):
+    """One preprocessing path: a photo through Triton (bytes -> preprocess -> mildnet) and through training's data
+    path (ImageCache of resized uint8 pixels -> normalize -> the model) gives the same pixels, bit for bit, and
+    the same embedding."""
+    from mildnet.data.datasets import ImageCache, embed_images
+    from mildnet.imageio import normalize
+    from mildnet.serving import contract
+
+    _, model, _ = served_repository
+    cache = ImageCache.build(grocery_photos, model.spec, tmp_path / "cache.pt", progress=False)
+    assert len(cache) == len(grocery_photos) and cache.images.dtype == torch.uint8
+    images = [p.read_bytes() for p in cache.paths]
+    for i, image in enumerate(images):
+        served = http_remote.infer(contract.PREPROCESS_MODEL, [(contract.IMAGE, np.array([[image]], dtype=object),
+                                                                "BYTES")], [contract.PIXELS])[contract.PIXELS]
+        np.testing.assert_array_equal(served[0], normalize(cache.images[i:i + 1], model.spec)[0].numpy())
+    np.testing.assert_allclose(http_remote.embed(images), embed_images(model, cache.images), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.server
 def test_model_info_follows_the_export(remote, served_repository):
     _, model, info = served_repository
     got = remote.model_info()
-    assert (got.version, got.variant, got.embedding_dim) == (1, info["variant"], model.embedding_dim)
-    assert got.spec == model.spec and got.model_version == info["model_version"]
+    assert (got.version, got.variant, got.embedding_dim) == (1, info.variant, model.embedding_dim)
+    assert got.spec == model.spec and got.model_version == info.model_version
 
 
 @pytest.mark.server
@@ -231,7 +251,7 @@ def test_spreads_over_several_urls(triton_server, photos, served_repository):
 
 
 def test_unreachable_server_is_a_clear_error(photos):
-    from mildnet.serve import free_port
+    from mildnet.serving.server import free_port
 
     with TritonEmbedder(f"127.0.0.1:{free_port()}", timeout=5) as r:
         with pytest.raises(ServerUnavailable, match="cannot reach Triton"):
@@ -249,7 +269,8 @@ def test_unknown_model_is_model_not_ready(triton_server, photos):
 def test_new_version_is_served(triton_server, served_repository, http_remote, photos):
     """Runs last in this file: export v2 (other weights) into the live repository; the server picks it up."""
     from mildnet import models
-    from mildnet.export import ServingConfig, export_model
+    from mildnet.export import export_model
+    from mildnet.serving.repository import ServingConfig
 
     repo, old_model, _ = served_repository
     torch.manual_seed(123)
@@ -271,7 +292,7 @@ def test_new_version_is_served(triton_server, served_repository, http_remote, ph
 
 # -- the backend logic without a server: a fake pb_utils -------------------------------------------------------------
 class FakePbUtils:
-    """The slice of triton_python_backend_utils that mildnet.triton_models uses."""
+    """The slice of triton_python_backend_utils that mildnet.serving.triton uses."""
 
     class Tensor:
         def __init__(self, name, array):
@@ -319,15 +340,18 @@ class FakePbUtils:
 
 
 def _backend_args(repo, model_name):
+    """Triton's ``args`` for a model of a rendered repository: its config.pbtxt as the JSON Triton hands over."""
     import json
 
-    from mildnet.triton_models import version_dirs
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
 
-    config = {"instance_group": [{"count": 1, "kind": "KIND_CPU"}],
-              "parameters": {"embedding_model": {"string_value": "mildnet"}}}
+    from mildnet.serving.contract import version_dirs
+
+    config = text_format.Parse((repo / model_name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     version = version_dirs(repo / model_name)[-1].name
-    return {"model_config": json.dumps(config), "model_repository": str(repo / model_name),
-            "model_version": version, "model_instance_kind": "CPU"}
+    return {"model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
+            "model_repository": str(repo / model_name), "model_version": version, "model_instance_kind": "CPU"}
 
 
 @pytest.fixture(scope="module")
@@ -343,11 +367,12 @@ def exported_repo(tmp_path_factory):
 
 
 def test_embedder_runs_one_forward_pass_per_batch_of_requests(exported_repo):
-    from mildnet.triton_models import EmbedderModel
+    from mildnet.serving.triton import EmbedderModel, create_model
 
     pb = FakePbUtils
     repo, model = exported_repo
-    backend = EmbedderModel(_backend_args(repo, "mildnet"), pb)
+    backend = create_model(_backend_args(repo, "mildnet"), pb)  # the class the config names
+    assert isinstance(backend, EmbedderModel)
     calls = []
     backend.model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     rng = np.random.default_rng(0)
@@ -364,12 +389,16 @@ def test_embedder_runs_one_forward_pass_per_batch_of_requests(exported_repo):
             np.testing.assert_allclose(got, model(torch.from_numpy(x)).numpy(), atol=1e-5)
 
 
-def test_preprocess_follows_spec_and_fails_per_request(exported_repo, grocery_photos):
-    from mildnet.triton_models import PreprocessModel
+def test_preprocess_follows_spec_and_fails_per_request(exported_repo, grocery_photos, tmp_path):
+    import shutil
+
+    from mildnet.serving.triton import PreprocessModel, create_model
 
     pb = FakePbUtils
     repo, model = exported_repo
-    backend = PreprocessModel(_backend_args(repo, "preprocess"), pb)
+    shutil.copytree(repo / "preprocess", tmp_path / "preprocess")  # alone: it must read nothing but its own folder
+    backend = create_model(_backend_args(tmp_path, "preprocess"), pb)
+    assert isinstance(backend, PreprocessModel)
     good = np.array([[grocery_photos[0].read_bytes()]], dtype=object)
     requests = [pb.InferenceRequest([pb.Tensor("IMAGE", good)]),
                 pb.InferenceRequest([pb.Tensor("IMAGE", np.array([[b"GIF89a broken"]], dtype=object))])]
@@ -383,14 +412,26 @@ def test_preprocess_follows_spec_and_fails_per_request(exported_repo, grocery_ph
 @pytest.mark.parametrize("text,message", [(b"not json", "not valid JSON"), (b"[1, 2]", "JSON object"),
                                           (b'{"colour": "red"}', "unknown FILTER keys")])
 def test_parse_filter_errors(text, message):
-    from mildnet.triton_models import parse_filter
+    from mildnet.serving.triton import parse_filter
 
     with pytest.raises(ValueError, match=message):
         parse_filter(text, {"category", "group"})
 
 
 def test_parse_filter_ok():
-    from mildnet.triton_models import parse_filter
+    from mildnet.serving.triton import parse_filter
 
     assert parse_filter(b'{"category": "Apple"}', {"category"}) == {"category": "Apple"}
     assert parse_filter(b"", {"category"}) is None and parse_filter(None, None) is None
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_server_on_an_unexported_repository_says_to_export(tmp_path, exported):
+    """model_repository/ is build output: before `mildnet export` there is nothing (or no version) to serve."""
+    from mildnet.serving.server import ServerStartError, TritonServer
+
+    repo = tmp_path / "model_repository"
+    if exported:
+        (repo / "mildnet").mkdir(parents=True)  # a model folder without any version
+    with pytest.raises(ServerStartError, match="mildnet export"):
+        TritonServer(repo).start()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mildnet.serve import (ADMIN_KEY_HEADER, RESTRICTED_APIS, TritonServer, free_port, remove_shm_regions,
+from mildnet.serving.server import (ADMIN_KEY_HEADER, RESTRICTED_APIS, TritonServer, free_port, remove_shm_regions,
                            signal_name, supervise)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ class StandIn:
         self.process = None
 
     def restart(self, timeout):
-        from mildnet.serve import ServerStartError
+        from mildnet.serving.server import ServerStartError
 
         self.stop()
         self.restarts += 1
@@ -165,14 +165,14 @@ def test_serve_comes_back_after_kill_and_one_request_crashes(served_repository, 
                                                              tmp_path):
     import shutil
 
-    from mildnet.remote import TritonEmbedder
+    from mildnet.serving.client import TritonEmbedder
 
     # A copy holding only the version the session's index was built with (other tests export newer versions)
     session_repo, _, info = served_repository
     repo = tmp_path / "model_repository"
     shutil.copytree(session_repo, repo)
     for version in (repo / "mildnet").iterdir():
-        if version.is_dir() and version.name.isdigit() and int(version.name) != int(info["version"]):
+        if version.is_dir() and version.name.isdigit() and int(version.name) != info.version:
             shutil.rmtree(version)
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     out = open(tmp_path / "serve.out", "wb")

@@ -12,10 +12,10 @@ import torch
 
 from mildnet.cli import main
 from mildnet.data.catalogue import grocery_catalogue, write_catalogue
-from mildnet.data.datasets import ImageCache, TripletDataset, decode_resized
-from mildnet.data.transforms import PaperAugment, normalize
+from mildnet.data.datasets import ImageCache, TripletDataset
+from mildnet.data.transforms import PaperAugment
 from mildnet.data.triplets import TripletOptions, make_triplets, write_triplets
-from mildnet.imageio import preprocess
+from mildnet.imageio import decode_resized, normalize, preprocess
 from mildnet.models import create, load_checkpoint
 from mildnet.train import TrainConfig, train
 

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from mildnet.index import Hit, create_index
-from mildnet.remote import ModelNotReady, RemoteInferenceError, RemoteModelInfo, ServerUnavailable
+from mildnet.serving.client import ModelNotReady, RemoteInferenceError, ServerUnavailable
+from mildnet.serving.contract import ServedModel
 from mildnet.spec import PreprocessSpec
 from mildnet.ui.app import MAX_PAGE_K, PageError, UIConfig, create_app, read_body
 from mildnet.ui.files import CatalogueFiles, NotInCatalogue
@@ -34,6 +35,7 @@ class FakeEmbedder:
     """Stands in for TritonEmbedder: hits are the index's items in order; ``fail`` raises instead."""
 
     model = "mildnet_ensemble"
+    embedding_model = "mildnet"
 
     def __init__(self, hits: list[Hit]):
         self.hits, self.fail, self.sent = hits, None, []
@@ -41,7 +43,7 @@ class FakeEmbedder:
     def model_info(self, url=None):
         if self.fail is not None and not isinstance(self.fail, RemoteInferenceError):
             raise self.fail
-        return RemoteModelInfo("mildnet", 3, "mildnet_mobile", 4, PreprocessSpec(), "fake-1")
+        return ServedModel("mildnet_mobile", 4, PreprocessSpec(), "mildnet_mobile-0123456789ab", version=3)
 
     def is_ready(self):
         return self.fail is None or isinstance(self.fail, RemoteInferenceError)
@@ -231,7 +233,7 @@ def test_server_problems_are_reported_and_status_follows(client, error, status, 
 def test_status_page_and_headers(client):
     s = client.get("/api/status").json()
     assert s["server"] == {"state": "ready", "model": "mildnet", "version": 3, "variant": "mildnet_mobile",
-                           "model_version": "fake-1"}
+                           "model_version": "mildnet_mobile-0123456789ab"}
     assert s["index"]["size"] == 3 and s["index"]["categories"] == ["Fruit", "Milk"]
     page = client.get("/")
     assert page.status_code == 200 and "<script src=\"/static/app.js\"" in page.text
@@ -272,14 +274,14 @@ def ui_stack(tmp_path_factory, grocery_root):
     import torch
 
     from mildnet import models
-    from mildnet.export import ServingConfig, export_model
+    from mildnet.export import export_model
+    from mildnet.serving.repository import ServingConfig
     from mildnet.imageio import preprocess
-    from mildnet.serve import TritonServer, free_port
+    from mildnet.serving.server import TritonServer, free_port
     from mildnet.ui.server import PageServer
 
     work = tmp_path_factory.mktemp("ui")
     repo = work / "model_repository"
-    shutil.copytree(ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("[0-9]*", "index"))
     model = models.create(UI_MODEL, pretrained=True, input_size=UI_INPUT_SIZE).eval()
     result = export_model(model, repo, ServingConfig(max_batch_size=8, max_queue_delay_us=2000))
     served = models.load_checkpoint(result.version_dir / "model.pt").eval()
@@ -292,7 +294,7 @@ def ui_stack(tmp_path_factory, grocery_root):
             meta.append({"path": str(p), "item_id": product, "name": name, "category": parts[2]})
     with torch.inference_mode():
         vectors = served(torch.stack([preprocess(p, served.spec) for p in photos])).numpy()
-    index = create_index(served.embedding_dim, kind="flat", model_version=result.info["model_version"])
+    index = create_index(served.embedding_dim, kind="flat", model_version=result.served.model_version)
     index.add([p.relative_to(grocery_root / "dataset").as_posix() for p in photos], vectors, meta)
     index_path = repo / "similar" / "index" / "catalogue.mindex"
     index.save(index_path)

@@ -7,7 +7,6 @@ Unreadable images are reported and left out, never fatal.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -18,23 +17,11 @@ import torch
 from torch.utils.data import Dataset
 
 from ..checkpoint import atomic_torch_save
-from ..imageio import ImageDecodeError, decode_image, image_to_tensor, needed_size
+from ..imageio import ImageDecodeError, decode_resized, normalize, resize_key
 from ..spec import PreprocessSpec
-from .transforms import PaperAugment, normalize
+from .transforms import PaperAugment
 
-__all__ = ["decode_resized", "ImageCache", "TripletDataset", "embed_images", "embed_items", "stack_triplets"]
-
-
-def _pixels_spec(spec: PreprocessSpec) -> PreprocessSpec:
-    """The spec's geometry (size, resize mode, interpolation) with identity scaling: x / 255 in RGB."""
-    return spec.replace(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), colour="RGB")
-
-
-def decode_resized(path: str | os.PathLike, spec: PreprocessSpec, name: str | None = None) -> torch.Tensor:
-    """Decode one image and resize it as ``spec`` says: ``uint8 Tensor[3, S, S]`` RGB (raises ImageDecodeError)."""
-    # min_size as imageio.preprocess sets it: a big JPEG is decoded at the same reduced scale as when served
-    x = image_to_tensor(decode_image(path, name=name, min_size=needed_size(spec)), _pixels_spec(spec))
-    return (x * 255.0).round_().to(torch.uint8)
+__all__ = ["ImageCache", "TripletDataset", "embed_images", "embed_items", "stack_triplets"]
 
 
 class ImageCache:
@@ -60,7 +47,7 @@ class ImageCache:
     @staticmethod
     def spec_key(spec: PreprocessSpec) -> str:
         """What a cached image depends on: the spec's geometry (models with equal keys can share one cache)."""
-        return json.dumps(_pixels_spec(spec).to_dict(), sort_keys=True)
+        return resize_key(spec)
 
     @staticmethod
     def _stamp(p: Path) -> str:

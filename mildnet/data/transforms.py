@@ -1,8 +1,8 @@
-"""Training augmentation (the paper's, train only) and the uint8 -> model-input normalisation.
+"""Training augmentation (the paper's, and the default recipe's; train only).
 
-Images travel as ``uint8 Tensor[3, S, S]`` (already resized by :mod:`mildnet.imageio` following the model's
-spec, see :mod:`mildnet.data.datasets`); :func:`normalize` turns a batch into the model's float input, so
-training, evaluation and serving see the same pixels.
+Images travel as ``uint8 Tensor[3, S, S]`` (resized by :func:`mildnet.imageio.resize` following the model's
+spec, see :mod:`mildnet.data.datasets`); augmentation works on those, and :func:`mildnet.imageio.normalize`
+turns a batch into the model's float input, so training, evaluation and serving see the same pixels.
 """
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..spec import PreprocessSpec
 
-__all__ = ["PaperAugment", "RetrievalAugment", "normalize"]
+__all__ = ["PaperAugment", "RetrievalAugment"]
 
 
 class PaperAugment:
@@ -81,16 +80,3 @@ class RetrievalAugment:
         out = TF.adjust_contrast(out, 1 - j + 2 * j * u[6])
         return TF.adjust_saturation(out, 1 - j + 2 * j * u[7])
 
-
-def normalize(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """``uint8 Tensor[N, 3, S, S]`` (RGB) -> float model input: ``(x / 255 - mean) / std`` in the spec's colour
-    order, channels_last. Matches :func:`mildnet.imageio.image_to_tensor` exactly on the same pixels."""
-    x = images.float()
-    if spec.colour == "BGR":
-        x = x.flip(1)
-        mean, std = spec.mean[::-1], spec.std[::-1]
-    else:
-        mean, std = spec.mean, spec.std
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return ((x / 255.0 - mean_t) / std_t).contiguous(memory_format=torch.channels_last)

@@ -1,7 +1,7 @@
 """Catalogue indexes: string id -> embedding (+ metadata), top-k inner-product search with metadata filters.
 
     from mildnet.index import create_index, load_index
-    index = create_index(1024, model_version="mildnet_mobile:1")           # FAISS, flat -> HNSW by size
+    index = create_index(1024, model_version="mildnet_mobile-3f9a0c1b2d4e") # FAISS, flat -> HNSW by size
     index.add(["sku-1", "sku-2"], vectors, [{"category": "Apple"}, {"category": "Milk"}])
     hits = index.search(query_vectors, k=10, filter={"category": "Apple"})  # list[list[Hit]]
     index.save("catalogue.mindex")                                         # atomic, checksummed

@@ -1,5 +1,5 @@
 """The resumable index builder behind ``mildnet index`` (``client/index.py`` in a checkout): catalogue entries ->
-embeddings from Triton's ``mildnet_ensemble`` (through an embedder such as ``mildnet.remote.TritonEmbedder``)
+embeddings from Triton's ``mildnet_ensemble`` (through an embedder such as ``mildnet.serving.client.TritonEmbedder``)
 -> an index file.
 
 Each image becomes one index entry; its id is the catalogue's ``id`` metadata column when present, else the
@@ -116,7 +116,7 @@ def embed_chunk(embedder, entries: list[tuple[str, Path, dict]], log) -> tuple[l
 
     Server-side failures (down, model not ready) propagate: the run stops, and a rerun resumes.
     """
-    from ..remote import RemoteInferenceError  # lazy: only an indexing run needs the server's client
+    from ..serving.client import RemoteInferenceError  # lazy: only an indexing run needs the server's client
 
     readable, blobs = [], []
     for e in entries:

@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 
 def run(args: argparse.Namespace, prog: str = "mildnet index") -> int:
-    from .. import remote
+    from ..serving import client as remote
     from ..data.catalogue import index_entries  # the one reader of catalogues: rows -> (id, path, metadata)
 
     try:

@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from ..imageio import ImageDecodeError, decode_image
 from ..index import IndexFileError
-from ..remote import ModelNotReady, RemoteInferenceError, ServerUnavailable, TritonEmbedder
+from ..serving.client import ModelNotReady, RemoteInferenceError, ServerUnavailable, TritonEmbedder
 from .catalogue import FILTER_KEY, IndexFile
 from .files import CatalogueFiles, NotInCatalogue
 
@@ -113,7 +113,7 @@ class SearchPage:
                 return self._status[1]
         try:
             info = self.embedder.model_info()
-            state = {"state": "ready", "model": info.model, "version": info.version, "variant": info.variant,
+            state = {"state": "ready", "model": self.embedder.embedding_model, "version": info.version, "variant": info.variant,
                      "model_version": info.model_version}
             if not self.embedder.is_ready():
                 state = {"state": "not_ready", "message": f"model {self.embedder.model!r} is not ready yet"}

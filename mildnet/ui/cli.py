@@ -6,10 +6,11 @@ import os
 import time
 from pathlib import Path
 
+from ..serving.contract import INDEX_ENV, default_index_path
 from .server import DEFAULT_HOST, DEFAULT_PORT
 
-# The file the `similar` model serves by default when Triton runs on ./model_repository (see triton_models.py).
-DEFAULT_INDEX = Path("model_repository") / "similar" / "index" / "catalogue.mindex"
+# The file the `similar` model serves by default when Triton runs on ./model_repository.
+DEFAULT_INDEX = default_index_path("model_repository")
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -18,7 +19,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", action="append", dest="urls", help="Triton URL; repeat for replicas "
                    "(default localhost:8000, or localhost:8001 with --protocol grpc)")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
-    p.add_argument("--index", type=Path, default=Path(os.environ.get("MILDNET_INDEX", DEFAULT_INDEX)),
+    p.add_argument("--index", type=Path, default=Path(os.environ.get(INDEX_ENV, DEFAULT_INDEX)),
                    help="the index file the server's `similar` model serves: the page shows its size and "
                         "categories (default: $MILDNET_INDEX or %(default)s)")
     p.add_argument("--catalogue-root", type=Path, help="folder the catalogue images are served from "

@@ -1,4 +1,7 @@
-"""The logic of the Triton Python models in ``model_repository/``; each ``model.py`` there is a thin shell.
+"""The Triton Python models of mildnet. Every model folder runs the one generic ``model.py`` shell
+(``mildnet/serving/templates/model.py``), which calls :func:`create_model`: the class is named by the
+``mildnet_python_model`` parameter of the model's own config, and each class reads what it needs from that
+config, once, in ``__init__`` (Triton's ``initialize``); no model reads another model's folder.
 
 Every class takes Triton's ``pb_utils`` module as an argument (it exists only inside the server's Python stub),
 so ``mildnet`` stays importable, and these classes testable, without Triton.
@@ -7,7 +10,7 @@ so ``mildnet`` stays importable, and these classes testable, without Triton.
   Dynamic batching hands ``execute`` a LIST of requests: it concatenates them into ONE forward pass and splits
   the result back, one response per request.
 * :class:`PreprocessModel` (``preprocess``): ``IMAGE`` bytes ``[N, 1]`` -> ``PIXELS`` ``[N, 3, S, S]`` with
-  :func:`mildnet.imageio.preprocess` and the spec that ``mildnet export`` wrote beside the served weights.
+  :func:`mildnet.imageio.preprocess` and the ``spec`` parameter of its config.
 * :class:`SimilarModel` (``similar``, BLS): ``IMAGE`` + ``K`` (+ ``FILTER``) -> ``IDS``/``SCORES``/``METADATA``
   from an index file (:func:`mildnet.index.load_index`), reloaded when the file changes.
 
@@ -16,83 +19,23 @@ the server carry on.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-from dataclasses import dataclass
+import traceback
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import torch
 
-EXPORT_INFO_FILE = "spec.json"  # written by mildnet.export, read here: the one source of preprocessing truth
-WEIGHTS_FILE = "model.pt"
-
-
-# -- the export's spec.json ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ServedModelInfo:
-    """What ``mildnet export`` wrote beside one version's weights (``<model>/<version>/spec.json``)."""
-
-    version: int
-    variant: str
-    embedding_dim: int
-    spec: Any  # mildnet.spec.PreprocessSpec
-    model_version: str  # "<variant>-<sha256[:12] of the source checkpoint>": the identity an index records
-    raw: dict
-
-    @classmethod
-    def read(cls, version_dir: Path) -> "ServedModelInfo":
-        from .spec import PreprocessSpec
-
-        path = Path(version_dir) / EXPORT_INFO_FILE
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: cannot read the exported model description ({e})") from None
-        return cls(version=int(raw["version"]), variant=raw["variant"], embedding_dim=int(raw["embedding_dim"]),
-                   spec=PreprocessSpec.from_dict(raw["spec"]), model_version=raw["model_version"], raw=raw)
-
-
-def version_dirs(model_dir: Path) -> list[Path]:
-    """Numbered version folders of a model, oldest first."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        return []
-    return sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-
-
-def latest_export(model_dir: Path) -> ServedModelInfo:
-    """The newest version of ``model_dir`` that carries a spec.json (what Triton's ``latest`` policy serves)."""
-    for d in reversed(version_dirs(model_dir)):
-        if (d / EXPORT_INFO_FILE).is_file():
-            return ServedModelInfo.read(d)
-    raise ValueError(f"{model_dir}: no exported version (run `mildnet export`)")
-
-
-class _LatestSpec:
-    """Tracks the latest exported version of the embedding model; re-reads spec.json when a new one appears."""
-
-    def __init__(self, model_dir: Path):
-        self.model_dir = Path(model_dir)
-        self._key: tuple | None = None
-        self._info: ServedModelInfo | None = None
-
-    def get(self) -> ServedModelInfo:
-        dirs = [d for d in version_dirs(self.model_dir) if (d / EXPORT_INFO_FILE).is_file()]
-        key = (dirs[-1].name, (dirs[-1] / EXPORT_INFO_FILE).stat().st_mtime_ns) if dirs else None
-        if key is None:
-            raise ValueError(f"{self.model_dir}: no exported version (run `mildnet export`)")
-        if key != self._key:
-            self._info, self._key = ServedModelInfo.read(dirs[-1]), key
-        assert self._info is not None
-        return self._info
+from ..errors import MildnetError
+from ..imageio import check_request, needed_size, preprocess
+from ..index import check_k, load_index
+from ..models import load_checkpoint
+from . import contract as c
 
 
 # -- shared helpers -------------------------------------------------------------------------------------------------
-def _parameters(model_config: dict) -> dict[str, str]:
-    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
-
-
 def _threads_per_instance(model_config: dict) -> int:
     """Cores / instances: each instance is its own process, and oversubscribed threads collapse throughput."""
     if os.environ.get("MILDNET_TORCH_THREADS"):
@@ -119,15 +62,11 @@ def _bytes_rows(array: np.ndarray) -> list[bytes]:
 def _guarded(execute):
     """``execute`` that answers every request with a plain error, instead of Triton's traceback, when it fails
     in a way its own checks did not foresee (RecursionError, MemoryError, a bug)."""
-    import functools
-
     @functools.wraps(execute)
     def wrapper(self, requests: list) -> list:
         try:
             return execute(self, requests)
         except Exception as e:
-            import traceback
-
             traceback.print_exc()  # to the server's log, not to the client
             return _unexpected(self.pb, requests, e)
     return wrapper
@@ -147,8 +86,6 @@ def degenerate_embedding(vectors) -> str | None:
 def _decode_request(rows: list[bytes], spec) -> list:
     """One request's images -> pixel tensors; the request's decode budget is checked from the headers first.
     Raises ImageDecodeError (a ValueError) naming the image and the problem."""
-    from .imageio import check_request, needed_size, preprocess
-
     labels = [f"image {j}" if len(rows) > 1 else "image" for j in range(len(rows))]
     check_request(rows, min_size=needed_size(spec), names=labels)
     return [preprocess(b, spec, name=label) for b, label in zip(rows, labels)]
@@ -156,8 +93,6 @@ def _decode_request(rows: list[bytes], spec) -> list:
 
 def _to_torch(pb_utils, tensor):
     """A pb_utils.Tensor -> torch.Tensor without a copy (DLPack: stays on the GPU when it is there)."""
-    import torch
-
     if tensor.is_cpu():
         return torch.from_numpy(tensor.as_numpy())
     return torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
@@ -168,23 +103,20 @@ class EmbedderModel:
     """The ``mildnet`` Triton model: one forward pass per batch of requests."""
 
     def __init__(self, args: dict, pb_utils):
-        import torch
-
-        from .models import load_checkpoint
-
         self.pb = pb_utils
         self.config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
-        self.info = ServedModelInfo.read(version_dir)
+        self.info = c.ServedModel.from_parameters(c.config_parameters(self.config), version=args["model_version"],
+                                                  where=f"model {self.config.get('name', '?')!r}")
         torch.set_num_threads(_threads_per_instance(self.config))
         if args.get("model_instance_kind") == "GPU":
             self.device = torch.device(f"cuda:{args.get('model_instance_device_id', 0)}")
         else:
             self.device = torch.device("cpu")
-        model = load_checkpoint(version_dir / WEIGHTS_FILE)
+        model = load_checkpoint(version_dir / c.WEIGHTS_FILE)
         if model.embedding_dim != self.info.embedding_dim or model.spec != self.info.spec:
-            raise ValueError(f"{version_dir}: weights and spec.json disagree (dim {model.embedding_dim} vs "
-                             f"{self.info.embedding_dim}); re-export the model")
+            raise c.ContractError(f"{version_dir}: weights and config.pbtxt disagree (dim {model.embedding_dim} vs "
+                                  f"{self.info.embedding_dim}, or the spec); re-export the model")
         self.model = model.to(self.device).eval()
         s = self.info.spec.input_size
         self.input_shape = (3, s, s)
@@ -195,8 +127,6 @@ class EmbedderModel:
 
     def _check(self, x) -> str | None:
         """None if ``x`` (a torch tensor) is a valid PIXELS batch, else the reason."""
-        import torch
-
         if x.dtype != torch.float32:
             return f"PIXELS must be FP32, got {x.dtype}"
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
@@ -209,18 +139,16 @@ class EmbedderModel:
         if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
             # Far outside what a real image normalises to (e.g. 1e38): activations overflow into a zero vector
             return (f"PIXELS values must lie within [{lo:.3g}, {hi:.3g}] (pixels normalised with the model's "
-                    f"spec.json), got [{float(x.min()):.3g}, {float(x.max()):.3g}]")
+                    f"spec), got [{float(x.min()):.3g}, {float(x.max()):.3g}]")
         return None
 
     @_guarded
     def execute(self, requests: list) -> list:
-        import torch
-
         pb = self.pb
         responses: list = [None] * len(requests)
         batch, owners = [], []
         for i, request in enumerate(requests):
-            x = _to_torch(pb, pb.get_input_tensor_by_name(request, "PIXELS"))  # (n, 3, S, S)
+            x = _to_torch(pb, pb.get_input_tensor_by_name(request, c.PIXELS))  # (n, 3, S, S)
             problem = self._check(x)
             if problem:
                 responses[i] = _error(pb, problem)
@@ -241,10 +169,10 @@ class EmbedderModel:
                     problem = degenerate_embedding(out)
                     if problem:  # e.g. pixels of 1e38: finite input, overflowing activations
                         responses[i] = _error(pb, f"PIXELS give {problem}; send normalised pixels "
-                                                  f"(mean/std of the model's spec.json)")
+                                                  f"(mean/std of the model's spec)")
                         continue
-                    tensor = (pb.Tensor("EMBEDDING", np.ascontiguousarray(out)) if isinstance(out, np.ndarray)
-                              else pb.Tensor.from_dlpack("EMBEDDING", torch.utils.dlpack.to_dlpack(out)))
+                    tensor = (pb.Tensor(c.EMBEDDING, np.ascontiguousarray(out)) if isinstance(out, np.ndarray)
+                              else pb.Tensor.from_dlpack(c.EMBEDDING, torch.utils.dlpack.to_dlpack(out)))
                     responses[i] = pb.InferenceResponse(output_tensors=[tensor])
             except Exception as e:  # a failed forward fails this batch, not the server
                 for i in owners:
@@ -254,39 +182,31 @@ class EmbedderModel:
 
 # -- preprocess: bytes -> pixels ------------------------------------------------------------------------------------
 class PreprocessModel:
-    """The ``preprocess`` Triton model: decode + resize + normalise following the served model's spec.json."""
+    """The ``preprocess`` Triton model: decode + resize + normalise following the ``spec`` of its own config."""
 
     def __init__(self, args: dict, pb_utils):
-        import torch
-
         self.pb = pb_utils
         self.config = json.loads(args["model_config"])
-        params = _parameters(self.config)
-        embed_model = params.get("embedding_model", "mildnet")
+        self.spec = c.spec_from_parameters(c.config_parameters(self.config), f"model {c.PREPROCESS_MODEL!r}")
         torch.set_num_threads(1)  # PIL does the work; torch only normalises
-        self.spec_source = _LatestSpec(Path(args["model_repository"]).parent / embed_model)
-        self.spec_source.get()  # fail at load time, clearly, when nothing is exported yet
 
     @_guarded
     def execute(self, requests: list) -> list:
-        import torch
-
         pb = self.pb
         responses = []
-        spec = self.spec_source.get().spec
         for request in requests:
-            rows = _bytes_rows(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy())
+            rows = _bytes_rows(pb.get_input_tensor_by_name(request, c.IMAGE).as_numpy())
             try:
-                pixels = torch.stack(_decode_request(rows, spec))  # (n, 3, S, S)
+                pixels = torch.stack(_decode_request(rows, self.spec))  # (n, 3, S, S)
             except ValueError as e:  # ImageDecodeError: this request only
                 responses.append(_error(pb, str(e)))
                 continue
-            responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor("PIXELS", pixels.numpy())]))
+            responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(c.PIXELS, pixels.numpy())]))
         return responses
 
 
 # -- similar: bytes + k (+ filter) -> top-k from the index ------------------------------------------------------------
-class ServerSideError(ValueError):
+class ServerSideError(MildnetError, ValueError):
     """A request failed because of the server's own state (its index), not the request: not INVALID_ARG."""
 
 
@@ -306,10 +226,8 @@ class _IndexFile:
         except OSError:
             self.index, self._stamp = None, None
             raise ServerSideError(f"no index file {self.path.name!r} on the server: build one (client/index.py) "
-                                  "or set the `index_path` parameter / MILDNET_INDEX") from None
+                                  f"or set the `{c.INDEX_PATH_PARAM}` parameter / {c.INDEX_ENV}") from None
         if stamp != self._stamp:
-            from .index import load_index
-
             try:
                 self.index, self.error = load_index(self.path), None
             except Exception as e:  # keep serving: every query says why until the file is fixed
@@ -387,46 +305,41 @@ class SimilarModel:
     """The ``similar`` Triton model (BLS): decode here, embed through the ``mildnet`` model, search the index."""
 
     def __init__(self, args: dict, pb_utils):
-        import torch
-
         self.pb = pb_utils
         self.config = json.loads(args["model_config"])
-        params = _parameters(self.config)
-        self.embed_model = params.get("embedding_model", "mildnet")
-        self.embed_batch = int(params.get("embedding_batch", "32"))
-        default_index = Path(args["model_repository"]) / "index" / "catalogue.mindex"
-        path = os.environ.get("MILDNET_INDEX") or params.get("index_path") or str(default_index)
+        params = c.config_parameters(self.config)
+        self.served = c.ServedModel.from_parameters(params, where=f"model {c.SIMILAR_MODEL!r}")
+        self.embed_model = params.get(c.EMBEDDING_MODEL_PARAM, c.EMBEDDING_MODEL)
+        self.embed_batch = int(params.get(c.EMBEDDING_BATCH_PARAM, "32"))
+        default_index = Path(args["model_repository"]) / c.INDEX_DIR / c.INDEX_FILE
+        path = os.environ.get(c.INDEX_ENV) or params.get(c.INDEX_PATH_PARAM) or str(default_index)
         self.index_file = _IndexFile(Path(path))
         torch.set_num_threads(1)
-        self.spec_source = _LatestSpec(Path(args["model_repository"]).parent / self.embed_model)
-        self.spec_source.get()
 
     def _embed(self, pixels: np.ndarray) -> np.ndarray:
         """``[B, 3, S, S]`` -> ``[B, D]`` through the served embedding model (BLS), in chunks of its batch."""
         pb = self.pb
         out = []
         for start in range(0, len(pixels), self.embed_batch):
-            request = pb.InferenceRequest(model_name=self.embed_model, requested_output_names=["EMBEDDING"],
-                                          inputs=[pb.Tensor("PIXELS", pixels[start:start + self.embed_batch])])
+            request = pb.InferenceRequest(model_name=self.embed_model, requested_output_names=[c.EMBEDDING],
+                                          inputs=[pb.Tensor(c.PIXELS, pixels[start:start + self.embed_batch])])
             response = request.exec()
             if response.has_error():
                 raise RuntimeError(f"embedding model {self.embed_model}: {response.error().message()}")
-            out.append(pb.get_output_tensor_by_name(response, "EMBEDDING").as_numpy())
+            out.append(pb.get_output_tensor_by_name(response, c.EMBEDDING).as_numpy())
         return np.concatenate(out)
 
     def _parse(self, request, index, spec) -> tuple[list, int, list]:
         """One request -> (pixel tensors, k, filters); raises ValueError naming the problem."""
-        from .index import check_k
-
         pb = self.pb
-        images = _bytes_rows(pb.get_input_tensor_by_name(request, "IMAGE").as_numpy())
-        ks = pb.get_input_tensor_by_name(request, "K").as_numpy().reshape(-1)
+        images = _bytes_rows(pb.get_input_tensor_by_name(request, c.IMAGE).as_numpy())
+        ks = pb.get_input_tensor_by_name(request, c.K).as_numpy().reshape(-1)
         if len(ks) != len(images):
             raise ValueError(f"K has {len(ks)} rows but IMAGE has {len(images)}")
         if len(set(int(k) for k in ks)) != 1:
             raise ValueError(f"all rows of one request need the same K, got {sorted(set(ks.tolist()))}")
         k = check_k(int(ks[0]))  # 1..MAX_K; a k above the catalogue size gets all of it, as Index.search does
-        ftensor = pb.get_input_tensor_by_name(request, "FILTER")
+        ftensor = pb.get_input_tensor_by_name(request, c.FILTER)
         raw_filters = _bytes_rows(ftensor.as_numpy()) if ftensor is not None else [None] * len(images)
         allowed = _filter_keys(index)
         filters = [parse_filter(f, allowed) for f in raw_filters]
@@ -435,23 +348,19 @@ class SimilarModel:
 
     @_guarded
     def execute(self, requests: list) -> list:
-        import torch
-
         pb = self.pb
         responses: list = [None] * len(requests)
+        served = self.served
         try:
             index = self.index_file.get()
-            served = self.spec_source.get()
             if index.dim != served.embedding_dim:
                 raise ServerSideError(f"index {self.index_file.path.name!r} holds {index.dim}-d vectors but model "
-                                 f"{served.variant} v{served.version} makes {served.embedding_dim}-d; rebuild it")
+                                      f"{served.model_version} makes {served.embedding_dim}-d; rebuild it")
             index_version = getattr(index, "model_version", None)
             if index_version and index_version != served.model_version:
-                raise ServerSideError(f"index {self.index_file.path.name!r} was built with model {index_version!r} but the "
-                                 f"server serves {served.model_version!r}; rebuild the index")
+                raise ServerSideError(f"index {self.index_file.path.name!r} was built with model {index_version!r} but "
+                                      f"the server serves {served.model_version!r}; rebuild the index")
         except ServerSideError as e:
-            return [_error(pb, str(e), invalid_arg=False) for _ in requests]
-        except ValueError as e:  # spec.json of the served model
             return [_error(pb, str(e), invalid_arg=False) for _ in requests]
         parsed = {}
         for i, request in enumerate(requests):
@@ -490,8 +399,21 @@ def _hit_tensors(pb, hits: list[list], k: int) -> list:
     scores = np.full((n, k), np.nan, dtype=np.float32)
     meta = np.full((n, k), b"", dtype=object)
     for r, row in enumerate(hits):
-        for c, hit in enumerate(row[:k]):
-            ids[r, c] = hit.id.encode()
-            scores[r, c] = hit.score
-            meta[r, c] = json.dumps(hit.metadata, sort_keys=True).encode()
-    return [pb.Tensor("IDS", ids), pb.Tensor("SCORES", scores), pb.Tensor("METADATA", meta)]
+        for col, hit in enumerate(row[:k]):
+            ids[r, col] = hit.id.encode()
+            scores[r, col] = hit.score
+            meta[r, col] = json.dumps(hit.metadata, sort_keys=True).encode()
+    return [pb.Tensor(c.IDS, ids), pb.Tensor(c.SCORES, scores), pb.Tensor(c.METADATA, meta)]
+
+
+MODEL_CLASSES = {c.EMBEDDER: EmbedderModel, c.PREPROCESSOR: PreprocessModel, c.SEARCHER: SimilarModel}
+
+
+def create_model(args: dict, pb_utils):
+    """The model a config asks for (its ``mildnet_python_model`` parameter), built from Triton's ``args``."""
+    config = json.loads(args["model_config"])
+    kind = c.config_parameters(config).get(c.PYTHON_MODEL_PARAM)
+    if kind not in MODEL_CLASSES:
+        raise c.ContractError(f"model {config.get('name', '?')!r}: parameter {c.PYTHON_MODEL_PARAM!r} is "
+                              f"{kind!r}, expected one of {sorted(MODEL_CLASSES)}; re-export (`mildnet export`)")
+    return MODEL_CLASSES[kind](args, pb_utils)

@@ -1,7 +1,5 @@
-"""Triton Python model `similar` (BLS): image bytes + K (+ FILTER) -> top-k IDS, SCORES, METADATA.
-
-Thin on purpose: decoding, the BLS call to the embedding model and the index search live in
-mildnet.triton_models.SimilarModel.
+"""A Triton Python model of mildnet: the class it runs is named by the `mildnet_python_model` parameter of this
+model's config.pbtxt (see mildnet/serving/triton.py). `mildnet export` copies this one file into every model.
 """
 import os
 import site
@@ -16,12 +14,12 @@ for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from mildnet.triton_models import SimilarModel  # noqa: E402
+from mildnet.serving.triton import create_model  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.impl = SimilarModel(args, pb_utils)
+        self.impl = create_model(args, pb_utils)
 
     def execute(self, requests):
         return self.impl.execute(requests)

@@ -45,9 +45,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import MildnetError
+
 # The sys.path folder this `mildnet` was imported from (a checkout, or site-packages): the Triton Python stubs
-# need it on their path. A code location, not a data one: nothing is read from or written there.
-IMPORT_ROOT = Path(__file__).resolve().parent.parent
+# need it on their path. Counted from this module's dotted name, so it stays right wherever the module lives.
+# A code location, not a data one: nothing is read from or written there.
+IMPORT_ROOT = Path(__file__).resolve().parents[__name__.count(".")]
 
 
 def default_build_dir() -> Path:
@@ -70,8 +73,12 @@ RESTRICTED_APIS = ("shared-memory", "model-repository", "logging", "trace")
 ADMIN_KEY_HEADER = "mildnet-admin-key"  # lower case: gRPC metadata keys must be
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(MildnetError, RuntimeError):
     """Triton could not be found or did not become ready; the message carries the tail of its log."""
+
+
+class ShmPrefixError(MildnetError, ValueError):
+    """A shared-memory prefix that could name another server's regions."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,7 @@ def remove_shm_regions(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
     Only for a prefix that belongs to a server that is no longer running: its Python stubs' regions are
     otherwise leaked for good when the server dies without unloading its models (crash, SIGKILL, OOM kill)."""
     if not prefix or "/" in prefix:
-        raise ValueError(f"not a shared-memory prefix: {prefix!r}")
+        raise ShmPrefixError(f"not a shared-memory prefix: {prefix!r}")
     removed = []
     try:
         entries = list(shm_dir.iterdir())
@@ -293,8 +300,9 @@ class TritonServer:
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
         """Launch and block until ``/v2/health/ready``; raise :class:`ServerStartError` with the log tail."""
-        if not self.repository.is_dir():
-            raise ServerStartError(f"model repository {self.repository} does not exist")
+        if not self.repository.is_dir():  # a repository is build output: `mildnet export` renders it
+            raise ServerStartError(f"model repository {self.repository} does not exist: run `mildnet export "
+                                   f"--checkpoint CKPT --repository {self.repository}` first")
         if not any(p.is_dir() and p.name.isdigit() for m in self.repository.iterdir() if m.is_dir()
                    for p in m.iterdir()):
             raise ServerStartError(f"{self.repository} holds no model version folders: run "

@@ -18,28 +18,31 @@ import itertools
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from ..errors import MildnetError
+from ..index import Hit
+from . import contract as c
 
 PROTOCOLS = ("http", "grpc")
 
 
-class ServerUnavailable(ConnectionError):
+class ServerUnavailable(MildnetError, ConnectionError):
     """No Triton server answers at the URL."""
 
 
-class ModelNotReady(RuntimeError):
+class ModelNotReady(MildnetError, RuntimeError):
     """The server answers but the model is not loaded (not exported yet, failed to load, or loading)."""
 
 
-class ServerSideError(RuntimeError):
+class ServerSideError(MildnetError, RuntimeError):
     """The server failed a request for a reason of its own (its index is unusable, an internal error): HTTP 500 /
     gRPC INTERNAL. Not the request's fault: retrying it elsewhere, or after the server is fixed, can work."""
 
 
-class RemoteInferenceError(ValueError):
+class RemoteInferenceError(MildnetError, ValueError):
     """The server refused one request (bad image, bad k, ...); ``index`` is its position in the call, if any."""
 
     def __init__(self, message: str, index: int | None = None):
@@ -47,18 +50,8 @@ class RemoteInferenceError(ValueError):
         self.index = index
 
 
-@dataclass(frozen=True)
-class RemoteModelInfo:
-    model: str
-    version: int
-    variant: str
-    embedding_dim: int
-    spec: Any  # mildnet.spec.PreprocessSpec
-    model_version: str  # what an index built from these embeddings must record
-
-    def as_dict(self) -> dict:
-        return {"model": self.model, "version": self.version, "variant": self.variant,
-                "embedding_dim": self.embedding_dim, "spec": self.spec.to_dict(), "model_version": self.model_version}
+class ClientConfigError(MildnetError, ValueError):
+    """A client built with arguments it cannot use (no URL, an unknown protocol)."""
 
 
 def _modules(protocol: str):
@@ -67,7 +60,7 @@ def _modules(protocol: str):
     elif protocol == "grpc":
         import tritonclient.grpc as client
     else:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        raise ClientConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     from tritonclient.utils import InferenceServerException
 
     return client, InferenceServerException
@@ -103,12 +96,12 @@ def _classify(exc: Exception, url: str, model: str, index: int | None = None) ->
 class TritonEmbedder:
     """Embeddings and visual search from one or more mildnet Triton servers."""
 
-    def __init__(self, urls: str | Sequence[str], protocol: str = "http", *, model: str = "mildnet_ensemble",
-                 embedding_model: str = "mildnet", similar_model: str = "similar", concurrency: int = 8,
-                 timeout: float = 120.0):
+    def __init__(self, urls: str | Sequence[str], protocol: str = "http", *, model: str = c.ENSEMBLE_MODEL,
+                 embedding_model: str = c.EMBEDDING_MODEL, similar_model: str = c.SIMILAR_MODEL,
+                 concurrency: int = 8, timeout: float = 120.0):
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
-            raise ValueError("TritonEmbedder needs at least one server URL (host:port)")
+            raise ClientConfigError("TritonEmbedder needs at least one server URL (host:port)")
         self.urls = [u.split("://", 1)[-1].rstrip("/") for u in self.urls]  # tritonclient wants host:port
         self.protocol = protocol
         self._client_mod, self._exc = _modules(protocol)
@@ -215,7 +208,7 @@ class TritonEmbedder:
     def embed_one(self, image: bytes, url: str | None = None, index: int | None = None) -> np.ndarray:
         """One encoded image -> ``np.ndarray[D]``."""
         batch = np.array([[bytes(image)]], dtype=object)  # (1, 1) TYPE_STRING
-        return self.infer(self.model, [("IMAGE", batch, "BYTES")], ["EMBEDDING"], url, index)["EMBEDDING"][0]
+        return self.infer(self.model, [(c.IMAGE, batch, "BYTES")], [c.EMBEDDING], url, index)[c.EMBEDDING][0]
 
     def embed_each(self, images: Sequence[bytes]) -> list[np.ndarray | RemoteInferenceError]:
         """Like :meth:`embed` but per image: a vector or the error that image got (server errors still raise)."""
@@ -231,7 +224,7 @@ class TritonEmbedder:
     def embed(self, images: Sequence[bytes]) -> np.ndarray:
         """Encoded images -> ``np.ndarray[N, D]`` float32, many requests in flight; the first bad image raises."""
         if len(images) == 0:
-            raise ValueError("embed() needs at least one image")
+            raise ClientConfigError("embed() needs at least one image")
         out = self.embed_each(images)
         for r in out:
             if isinstance(r, RemoteInferenceError):
@@ -240,25 +233,21 @@ class TritonEmbedder:
 
     def similar(self, image: bytes, k: int = 10, filter: dict | None = None) -> list:
         """One query image -> up to ``k`` :class:`mildnet.index.Hit` (id, score, metadata), best first."""
-        from .index import Hit
-
-        inputs = [("IMAGE", np.array([[bytes(image)]], dtype=object), "BYTES"),
-                  ("K", np.array([[int(k)]], dtype=np.int32), "INT32")]
+        inputs = [(c.IMAGE, np.array([[bytes(image)]], dtype=object), "BYTES"),
+                  (c.K, np.array([[int(k)]], dtype=np.int32), "INT32")]
         if filter:
-            inputs.append(("FILTER", np.array([[json.dumps(filter).encode()]], dtype=object), "BYTES"))
-        out = self.infer(self.similar_model, inputs, ["IDS", "SCORES", "METADATA"])
+            inputs.append((c.FILTER, np.array([[json.dumps(filter).encode()]], dtype=object), "BYTES"))
+        out = self.infer(self.similar_model, inputs, list(c.SIMILAR_OUTPUTS))
         hits = []
-        for id_, score, meta in zip(out["IDS"][0], out["SCORES"][0], out["METADATA"][0]):
+        for id_, score, meta in zip(out[c.IDS][0], out[c.SCORES][0], out[c.METADATA][0]):
             if not id_:  # padding: a filter left fewer than k matches
                 continue
             hits.append(Hit(id_.decode() if isinstance(id_, bytes) else str(id_), float(score),
                             json.loads(meta) if meta else {}))
         return hits
 
-    def model_info(self, url: str | None = None) -> RemoteModelInfo:
-        """What the server serves: version, embedding dim, preprocessing spec, model_version (from the export)."""
-        from .spec import PreprocessSpec
-
+    def model_info(self, url: str | None = None) -> c.ServedModel:
+        """What the server serves (the contract its embedding model's config carries) and its version."""
         url = url or self.urls[0]
         try:
             client = self._client(url)
@@ -273,14 +262,12 @@ class TritonEmbedder:
 
             meta = MessageToDict(meta, preserving_proto_field_name=True)
             config = MessageToDict(config, preserving_proto_field_name=True).get("config", {})
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        if "model_version" not in params:
-            raise ModelNotReady(f"model {self.embedding_model!r} on {url} was not exported by `mildnet export` "
-                                "(its config has no model_version parameter)")
         versions = [int(v) for v in meta.get("versions", [])]
-        return RemoteModelInfo(model=self.embedding_model, version=max(versions) if versions else 0,
-                               variant=params["variant"], embedding_dim=int(params["embedding_dim"]),
-                               spec=PreprocessSpec.from_json(params["spec"]), model_version=params["model_version"])
+        try:
+            return c.ServedModel.from_parameters(c.config_parameters(config), max(versions) if versions else 0,
+                                                 where=f"model {self.embedding_model!r} on {url}")
+        except c.ContractError as e:
+            raise ModelNotReady(f"{e} (not exported by `mildnet export`?)") from None
 
 
 # -- metrics ------------------------------------------------------------------------------------------------------
