@@ -27,6 +27,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from ..errors import UsageError
 from .base import Hit, Index, IndexFileError, exact_topk, filter_token
 from .store import IndexPayload, write_index_file
 
@@ -64,15 +65,15 @@ class FaissIndex(Index):
                  **params: Any) -> None:
         super().__init__(dim, model_version=model_version, metric=metric)
         if kind not in KINDS:
-            raise ValueError(f"faiss index kind {kind!r} is not one of {KINDS}")
+            raise UsageError(f"faiss index kind {kind!r} is not one of {KINDS}")
         unknown = set(params) - set(DEFAULT_PARAMS)
         if unknown:
-            raise ValueError(f"unknown faiss index parameter(s) {sorted(unknown)} "
+            raise UsageError(f"unknown faiss index parameter(s) {sorted(unknown)} "
                              f"(known: {', '.join(DEFAULT_PARAMS)})")
         self.params = {**DEFAULT_PARAMS, **params}
         for name, value in self.params.items():
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"faiss index parameter {name} must be a positive integer, got {value!r}")
+                raise UsageError(f"faiss index parameter {name} must be a positive integer, got {value!r}")
         self.kind = kind
         self._label_of: dict[str, int] = {}  # id -> label, in insertion order
         self._id_of: dict[int, str] = {}
