@@ -101,11 +101,13 @@ def test_cli_lets_other_errors_raise(error, monkeypatch):
         main(["models"])
 
 
-def test_cli_one_line_for_a_mildnet_error(monkeypatch, capsys):
+@pytest.mark.parametrize("error", [MildnetError("the thing named here is wrong"),
+                                   FileNotFoundError("the thing named here is wrong")])  # a path the user gave
+def test_cli_one_line_for_a_mildnet_error(error, monkeypatch, capsys):
     import mildnet.models.cli
 
     def refuse(args):
-        raise MildnetError("the thing named here is wrong")
+        raise error
 
     monkeypatch.setattr(mildnet.models.cli, "run", refuse)
     assert main(["models"]) == 1
