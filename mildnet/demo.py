@@ -316,7 +316,8 @@ def run_queries(data: DemoData, url: str) -> list[dict]:
     for item in tqdm(data.queries, desc="querying", unit="photo", dynamic_ncols=True):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            code = query_command.main([str(item.path), "--k", str(TOP), "--json", "--url", url, "--images", str(data.root)])
+            code = query_command.main([str(item.path), "--k", str(TOP), "--json", "--url", url,
+                                       "--images", str(data.root)])
         if code != 0:
             raise DemoError(f"client/query.py {item.path} failed (exit {code}); see its message above")
         hits = json.loads(out.getvalue())["hits"]

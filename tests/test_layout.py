@@ -1,6 +1,7 @@
-"""The layout's rules, read from the source (docs/../ARCHITECTURE: doors open downward only): no import cycles,
-no import of another mildnet module hidden in a function body unless it avoids an optional dependency (and
-says so), no room importing one it must not know, and no module loading a script by path or editing sys.path."""
+"""The layout's rules, read from the source (shared/reference/ARCHITECTURE.md: doors open downward only):
+no import cycles, no import of another mildnet module hidden in a function body unless it avoids an optional
+dependency (and says so), no room importing one it must not know, and no module loading a script by path or
+editing sys.path."""
 from __future__ import annotations
 
 import ast
@@ -17,7 +18,8 @@ SYS_PATH_PENDING = {"mildnet.triton_templates.mildnet", "mildnet.triton_template
                     "mildnet.triton_templates.similar"}
 # (importer prefix, imported prefix): doors that must stay shut.
 FORBIDDEN = [("mildnet.data", "mildnet.models"), ("mildnet.weights", "mildnet.models"),
-             ("mildnet.evaluate", "mildnet.train"), ("mildnet.ops", "mildnet.")]  # mildnet._C / _build_info: the op's own build
+             ("mildnet.evaluate", "mildnet.train"),
+             ("mildnet.ops", "mildnet.")]  # but mildnet._C / _build_info: the op's own build
 
 
 def module_name(path: Path) -> str:
@@ -121,8 +123,8 @@ def test_rooms_do_not_import_what_they_must_not_know(importer, imported):
 SCRIPTS = sorted([*PACKAGE.rglob("*.py"), *(ROOT / "client").glob("*.py"), *(ROOT / "tests").glob("*.py")])
 
 
-@pytest.mark.parametrize("path", [pending(module_name(p), SYS_PATH_PENDING) if p.is_relative_to(PACKAGE) else str(p.relative_to(ROOT))
-                                  for p in SCRIPTS])
+@pytest.mark.parametrize("path", [pending(module_name(p), SYS_PATH_PENDING) if p.is_relative_to(PACKAGE)
+                                  else str(p.relative_to(ROOT)) for p in SCRIPTS])
 def test_nothing_loads_a_script_by_path_or_edits_sys_path(path):
     file = MODULES[path] if path in MODULES else ROOT / path
     tree = ast.parse(file.read_text())
