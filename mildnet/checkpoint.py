@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
+from .errors import MildnetError
 from .fileio import atomic_open
 
 FORMAT = "mildnet-checkpoint"
 FORMAT_VERSION = 2  # 2: carries weights_sha256, checked on read
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MildnetError, ValueError):
     """A file is not a usable mildnet checkpoint; the message says why."""
 
 

@@ -1,22 +1,24 @@
-"""The ``mildnet`` command: thin. Each subcommand lives in its room and exposes
-``configure_parser(parser)`` and ``run(args) -> int``; this file only wires them up."""
+"""The ``mildnet`` command: thin. Each subcommand is one module (in its room, or in :mod:`mildnet.commands` for
+the flat ones) exposing ``configure_parser(parser)`` and ``run(args) -> int``; this file only wires them up."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
+from .errors import MildnetError
+
 # name -> (module, one-line help). Imported lazily so one broken room never hides the others.
 COMMANDS: dict[str, tuple[str, str]] = {
     "weights": ("mildnet.weights.cli", "fetch and convert pretrained backbones (offline sources)"),
     "models": ("mildnet.models.cli", "list the model zoo"),
-    "triplets": ("mildnet.data.triplets", "create a triplet CSV from a catalogue"),
-    "train": ("mildnet.train", "train a MILDNet model on triplets"),
-    "eval": ("mildnet.evaluate", "triplet accuracy, retrieval metrics and a results page"),
-    "export": ("mildnet.export", "export a checkpoint into a Triton model repository"),
-    "serve": ("mildnet.serving.server", "start Triton Inference Server on a model repository"),
+    "triplets": ("mildnet.commands.triplets", "create a triplet CSV from a catalogue"),
+    "train": ("mildnet.commands.train", "train a MILDNet model on triplets"),
+    "eval": ("mildnet.commands.evaluate", "triplet accuracy, retrieval metrics and a results page"),
+    "export": ("mildnet.commands.export", "export a checkpoint into a Triton model repository"),
+    "serve": ("mildnet.commands.serve", "start Triton Inference Server on a model repository"),
     "index": ("mildnet.index.cli", "build or update a catalogue index through a running server"),
-    "query": ("mildnet.query", "the catalogue items most similar to a photo, through a running server"),
+    "query": ("mildnet.commands.query", "the catalogue items most similar to a photo, through a running server"),
     "ui": ("mildnet.ui.cli", "the search page (a web app) in front of a running Triton server"),
 }
 
@@ -45,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # our clear errors: no traceback for users
+    except (MildnetError, FileNotFoundError) as e:
+        # A problem we detected (or a path the user named that is not there): one line names it. Anything else
+        # (a RuntimeError from torch, MemoryError, a bug) raises with its traceback: that is what gets reported.
         print(f"mildnet {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -8,3 +8,8 @@ raises them; they derive from this base as well as from the builtin that callers
 
 class MildnetError(Exception):
     """A problem with the user's input, files or servers that mildnet detected and can explain in one line."""
+
+
+class UsageError(MildnetError, ValueError):
+    """A command-line argument or setting that cannot work; the message names it (argparse checks each flag
+    alone, this is for the rules between flags and the checks a library function makes of its arguments)."""

@@ -1,15 +1,14 @@
 """``mildnet eval``: triplet accuracy (the paper's metric), retrieval recall@k / mAP, a self-retrieval check,
 a per-class breakdown, a JSON report and an HTML page of queries with their top 5.
 
-The metrics are pure functions of rankings (:func:`recall_at_k`, :func:`average_precision`, ...), tested on
-hand-computed toy cases; :func:`rank` turns embeddings into rankings. Tasks on a catalogue with domains
+The metrics are pure functions of rankings in :mod:`mildnet.metrics` (``recall_at_k``, ``average_precision``,
+...); ``rank`` there turns embeddings into rankings. Tasks on a catalogue with domains
 (e.g. Grocery): ``photo_to_catalogue`` (street photos of a split -> shop images, relevant = same item) and
 ``photo_to_photo`` (street photos of a split among themselves, leave-one-out, relevant = same item). Without
 domains: ``item_to_item`` (leave-one-out over the split).
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -23,73 +22,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .data.catalogue import load_catalogue
+from .data.datasets import ImageCache, embed_images, embed_items
+from .data.splits import protocol_split
+from .data.triplets import read_triplets
+from .errors import UsageError
 from .fileio import atomic_write_text
+from .metrics import rank, recall_at_k, retrieval_metrics, split_report, summarise, triplet_metrics
 
-__all__ = ["recall_at_k", "average_precision", "mean_average_precision", "rank", "retrieval_metrics",
-           "evaluate_catalogue", "evaluate_protocol", "write_results_page", "configure_parser", "run"]
-
-
-# --------------------------------------------------------------------------------------------- metrics
-def recall_at_k(relevance: Sequence[np.ndarray], k: int) -> float:
-    """Share of queries with at least one relevant item among their first ``k`` results.
-
-    ``relevance[q]`` is the ranked boolean relevance of query q's results. Queries with no relevant item at
-    all are left out (nothing could be found); NaN when no query is left.
-    """
-    hits = [bool(np.any(r[:k])) for r in relevance if np.any(r)]
-    return float(np.mean(hits)) if hits else float("nan")
-
-
-def average_precision(relevance: np.ndarray) -> float:
-    """AP of one ranking: the mean, over relevant positions i (1-based), of precision@i. NaN if none relevant."""
-    r = np.asarray(relevance, dtype=bool)
-    if not r.any():
-        return float("nan")
-    positions = np.flatnonzero(r) + 1  # 1-based ranks of the relevant results
-    precision = np.arange(1, len(positions) + 1) / positions
-    return float(precision.mean())
-
-
-def mean_average_precision(relevance: Sequence[np.ndarray]) -> float:
-    aps = [average_precision(r) for r in relevance if np.any(r)]
-    return float(np.mean(aps)) if aps else float("nan")
-
-
-def rank(queries: np.ndarray, gallery: np.ndarray, *, exclude: np.ndarray | None = None
-         ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Rank ``gallery[G, D]`` for each of ``queries[Q, D]`` by Euclidean distance (nearest first).
-
-    ``exclude[Q, G]`` (bool) removes pairs from the ranking (leave-one-out: a query's own image).
-    Returns per query the gallery indices in rank order and their distances.
-    """
-    q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
-    g = torch.as_tensor(np.asarray(gallery, dtype=np.float32))
-    d = torch.cdist(q, g).numpy()  # (Q, G)
-    orders, dists = [], []
-    for i in range(len(q)):
-        idx = np.argsort(d[i], kind="stable")
-        if exclude is not None:
-            idx = idx[~exclude[i, idx]]
-        orders.append(idx)
-        dists.append(d[i, idx])
-    return orders, dists
-
-
-def retrieval_metrics(orders: Sequence[np.ndarray], query_labels: Sequence[str], gallery_labels: Sequence[str],
-                      ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """recall@k and mAP overall and per query label, from rankings (relevant = same label)."""
-    g = np.asarray(gallery_labels)
-    relevance = [g[o] == ql for o, ql in zip(orders, query_labels)]
-    out = {f"recall@{k}": recall_at_k(relevance, k) for k in ks}
-    out["mAP"] = mean_average_precision(relevance)
-    out["queries"] = len(relevance)
-    out["queries_without_relevant"] = int(sum(not np.any(r) for r in relevance))
-    per: dict[str, list] = defaultdict(list)
-    for r, ql in zip(relevance, query_labels):
-        per[ql].append(r)
-    out["per_class"] = {c: {"queries": len(rs), "recall@1": recall_at_k(rs, 1), "AP": mean_average_precision(rs)}
-                        for c, rs in sorted(per.items())}
-    return out
+__all__ = ["evaluate_catalogue", "evaluate_protocol", "evaluate", "write_results_page"]
 
 
 # --------------------------------------------------------------------------------------------- catalogue eval
@@ -183,42 +124,12 @@ td.q{{background:#eef}} td.right img{{border:4px solid #2a2}} td.wrong img{{bord
     return Path(path)
 
 
-# --------------------------------------------------------------------------------------------- CLI
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a trained checkpoint (best.pt)")
-    src.add_argument("--model", help="a zoo model name (e.g. the zero-shot mobilenet_v1_gap)")
-    p.add_argument("--pretrained", action="store_true", help="with --model: ImageNet backbone weights")
-    p.add_argument("--input-size", type=int, help="with --model: input size")
-    p.add_argument("--catalogue", help="catalogue (CSV/JSONL/folder/Grocery dataset) for retrieval metrics")
-    p.add_argument("--root", help="root for the catalogue's relative paths")
-    p.add_argument("--allow-outside-root", action="store_true")
-    p.add_argument("--split", default="val", help="catalogue split whose photos are the queries (default val)")
-    p.add_argument("--triplets", help="triplet CSV for triplet accuracy (kinds from <name>.details.csv)")
-    p.add_argument("--image-root", help="folder the triplet paths are relative to (default: summary.json)")
-    p.add_argument("--out", required=True, help="folder for results.json and results.html")
-    p.add_argument("--page-queries", type=int, default=24, help="queries shown on the results page")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--cache", help="decoded-image cache file to reuse")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--protocol", choices=("unseen_products", "unseen_kind"),
-                   help="with --catalogue: the metric-learning protocol (mildnet.data.splits): metrics on the "
-                        "held-out products' photos (and, for unseen_products, on the seen products' val photos), "
-                        "with 95%% bootstrap intervals over queries")
-    p.add_argument("--protocol-seed", type=int, default=0, help="seed of the protocol's product split")
-
-
 def evaluate_protocol(model: torch.nn.Module, items: Sequence, scheme: str, *, seed: int = 0, out: str | os.PathLike,
                       batch_size: int = 64, device: str = "cpu", cache: str | None = None, progress: bool = True,
                       label: str | None = None, n_boot: int = 1000) -> dict:
     """The protocol's reported roles for one model: ``{role: {"metrics", "spread", "queries"}}`` in results.json.
     Which products are held out is a function of (catalogue, scheme, seed): a model trained by
     ``bench/accuracy.py`` with the same seed never saw them."""
-    from .data.datasets import embed_items
-    from .data.splits import protocol_split
-    from .metrics import split_report, summarise
-
     split = protocol_split(items, scheme, seed=seed)
     roles = ("test_unseen", "test_seen") if scheme == "unseen_products" else ("test_unseen",)
     needed = sorted({i for r in roles for i in split.roles[r]} | set(split.catalogue))
@@ -242,11 +153,6 @@ def evaluate(model: torch.nn.Module, *, catalogue=None, split: str | None = "val
              page_queries: int = 24, batch_size: int = 64, device: str = "cpu", cache: str | None = None,
              progress: bool = True, label: str | None = None) -> dict:
     """Everything ``mildnet eval`` reports, for an in-memory model; writes results.json (+ results.html)."""
-    from .data.catalogue import load_catalogue
-    from .data.datasets import ImageCache, embed_images
-    from .data.triplets import read_triplets
-    from .train import triplet_metrics
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -260,7 +166,7 @@ def evaluate(model: torch.nn.Module, *, catalogue=None, split: str | None = "val
     needed = [it.path for it in items if split is None or it.split in (split, None)] + \
         [p for t in trip_rows for p in t]
     if not needed:
-        raise ValueError("nothing to evaluate: give --catalogue and/or --triplets")
+        raise UsageError("nothing to evaluate: give --catalogue and/or --triplets")
     img_cache = ImageCache.build(needed, model.spec, cache, progress=progress)
     emb_all = embed_images(model, img_cache.images, batch_size=batch_size, device=device, progress=progress)
     report: dict = {"model": label or getattr(model, "variant", "?"), "split": split,
@@ -290,45 +196,3 @@ def evaluate(model: torch.nn.Module, *, catalogue=None, split: str | None = "val
     report["seconds"] = round(time.time() - t0, 2)
     atomic_write_text(out / "results.json", json.dumps(report, indent=2, default=float))
     return report
-
-
-def run(args: argparse.Namespace) -> int:
-    from .models import create, load_checkpoint
-
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.checkpoint:
-        model = load_checkpoint(args.checkpoint)
-        label = f"{model.variant} ({args.checkpoint})"
-    else:
-        kw = {"input_size": args.input_size} if args.input_size else {}
-        model = create(args.model, pretrained=args.pretrained, **kw).eval()
-        label = args.model + (" (pretrained)" if args.pretrained else "")
-    model.to(device)
-    if args.protocol:
-        from .data.catalogue import load_catalogue
-        if not args.catalogue:
-            raise ValueError("--protocol needs --catalogue (a catalogue with store photos and catalogue images)")
-        items = load_catalogue(args.catalogue, root=args.root, allow_outside_root=args.allow_outside_root)
-        rep = evaluate_protocol(model, items, args.protocol, seed=args.protocol_seed, out=args.out,
-                                batch_size=args.batch_size, device=device, cache=args.cache,
-                                progress=not args.no_progress, label=label)
-        for role, r in rep["roles"].items():
-            print(f"{role}: " + " ".join(f"{k}={v['value']:.4f} [{v['lo']:.3f}, {v['hi']:.3f}]"
-                                         for k, v in r["metrics"].items())
-                  + f" margin={r['spread']['margin']:.4f}")
-        print(f"wrote {Path(args.out) / 'results.json'}")
-        return 0
-    rep = evaluate(model, catalogue=args.catalogue, split=args.split, triplets=args.triplets,
-                   image_root=args.image_root, out=args.out, root=args.root,
-                   allow_outside_root=args.allow_outside_root, page_queries=args.page_queries,
-                   batch_size=args.batch_size, device=device, cache=args.cache, progress=not args.no_progress,
-                   label=label)
-    if "triplets" in rep:
-        t = rep["triplets"]
-        print(f"triplet accuracy {t['accuracy']:.4f} on {t['triplets']} triplets "
-              + " ".join(f"{k[9:]}={v:.4f}" for k, v in t.items() if k.startswith("accuracy_")))
-    for name, m in rep.get("retrieval", {}).items():
-        print(f"{name}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items()
-                                     if isinstance(v, float) and not k.startswith("max")))
-    print(f"wrote {Path(args.out) / 'results.json'}")
-    return 0

@@ -7,16 +7,13 @@ of one. A repository is build output: ``model_repository/`` in the checkout is g
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
-from . import models
 from .checkpoint import read_checkpoint, save_checkpoint
 from .errors import MildnetError
 from .fileio import sha256_file
@@ -75,48 +72,3 @@ def export_model(model, repository: str | os.PathLike, cfg: ServingConfig = Serv
     if pipeline:
         render_pipeline(repository, cfg, served)
     return ExportResult(version, target, served, sha)
-
-
-# -- CLI ------------------------------------------------------------------------------------------------------------
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="mildnet checkpoint to export")
-    src.add_argument("--untrained", metavar="VARIANT",
-                     help="export a freshly initialised VARIANT (seeded; for tests and speed benchmarks)")
-    parser.add_argument("--input-size", type=int, default=None, help="with --untrained: override the input size")
-    parser.add_argument("--seed", type=int, default=0, help="with --untrained: initialisation seed")
-    parser.add_argument("--repository", default="model_repository", help="model repository (default: %(default)s)")
-    parser.add_argument("--model-name", default=c.EMBEDDING_MODEL,
-                        help="name of the embedding model (default: %(default)s)")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--instances", type=int, default=1, help="model instances (each a process)")
-    parser.add_argument("--kind", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--max-queue-delay-us", type=int, default=2000,
-                        help="how long dynamic batching waits to fill a batch (default: %(default)s)")
-    parser.add_argument("--max-queue-size", type=int, default=256,
-                        help="requests queued before the server answers new ones with an error (default: "
-                             "%(default)s); 0: no queue policy, nothing shed (see docs/serving.md)")
-    parser.add_argument("--no-dynamic-batching", action="store_true", help="serve every request alone")
-    parser.add_argument("--no-pipeline", action="store_true",
-                        help="write only the embedding model, leave preprocess/ensemble/similar alone")
-
-
-def load_model_for_export(args: argparse.Namespace):
-    if args.checkpoint:
-        return models.load_checkpoint(args.checkpoint)
-    torch.manual_seed(args.seed)
-    kw = {"input_size": args.input_size} if args.input_size else {}
-    return models.create(args.untrained, pretrained=False, **kw).eval()
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = ServingConfig(model_name=args.model_name, max_batch_size=args.max_batch_size, instances=args.instances,
-                        kind=args.kind, dynamic_batching=not args.no_dynamic_batching,
-                        max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size)
-    model = load_model_for_export(args)
-    result = export_model(model, args.repository, cfg, source_checkpoint=args.checkpoint,
-                          pipeline=not args.no_pipeline)
-    served = result.served
-    print(f"exported {served.variant} (dim {served.embedding_dim}, input {served.spec.input_size}, model_version "
-          f"{served.model_version}) as {cfg.model_name} version {result.version} -> {result.version_dir}")
-    return 0

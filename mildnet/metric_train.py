@@ -30,18 +30,19 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import save_checkpoint
 from .data.catalogue import CatalogueItem
-from .data.datasets import ImageCache, embed_items
+from .data.datasets import ImageCache, _seed, embed_items
 from .data.samplers import PKSampler
 from .data.splits import ProtocolSplit
 from .data.transforms import RetrievalAugment
+from .errors import UsageError
+from .fileio import atomic_open, atomic_write_text
 from .imageio import normalize
-from .fileio import atomic_write_text
 from .losses import BATCH_LOSSES, NormSoftmax, ProxyAnchor, multi_similarity
 from .metrics import split_report, summarise
+from .models import create
 
 __all__ = ["MetricConfig", "selection_score", "pool_items", "pool_views", "embed_pooled_rows", "train_metric",
            "SELECTION_METRICS"]
@@ -77,10 +78,10 @@ class MetricConfig:
 
     def __post_init__(self) -> None:
         if self.loss not in BATCH_LOSSES:
-            raise ValueError(f"loss must be one of {BATCH_LOSSES}, got {self.loss!r}")
+            raise UsageError(f"loss must be one of {BATCH_LOSSES}, got {self.loss!r}")
         for name in ("lr", "epochs", "P", "K"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 def selection_score(dev: dict[str, dict[str, dict[str, float]]]) -> float:
@@ -103,8 +104,6 @@ def pool_views(model, items: Sequence[CatalogueItem], indices: Sequence[int], vi
     """Pooled taps of ``views`` augmented copies (:class:`RetrievalAugment`) of each ``items[i]``:
     ``Tensor[views, len(indices), pooled_dim]``. Copy v of item i is a function of (seed, v, i) alone."""
     from tqdm import tqdm
-
-    from .data.datasets import _seed
 
     cache = ImageCache.build([items[i].path for i in indices], model.spec, progress=False)
     aug = RetrievalAugment()
@@ -162,8 +161,6 @@ def train_metric(cfg: MetricConfig, items: Sequence[CatalogueItem], split: Proto
     Returns ``{"best", "history", "out", "seconds", "model"}``."""
     from tqdm import tqdm
 
-    from .models import create
-
     t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -175,7 +172,7 @@ def train_metric(cfg: MetricConfig, items: Sequence[CatalogueItem], split: Proto
         model = create(cfg.model, pretrained=True, dropout=cfg.dropout, final_relu=cfg.final_relu,
                        residual=cfg.residual, **kw)
     if getattr(model, "head", None) is None:
-        raise ValueError(f"{cfg.model} has no dense head to train (a zero-shot baseline): evaluate it instead")
+        raise UsageError(f"{cfg.model} has no dense head to train (a zero-shot baseline): evaluate it instead")
     units = model.backbone.units()
     model.freeze(list(dict.fromkeys([*model.frozen_modules(), *units])))  # frozen backbone: taps pooled once
     if pooled is None:  # only what training and selection read (a val photo is never pooled here)
@@ -266,8 +263,6 @@ def _plot(path: Path, history: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fileio import atomic_open
-
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ep = [h["epoch"] for h in history[1:]]
     ax1.plot(ep, [h["train_loss"] for h in history[1:]], marker="o")
@@ -283,52 +278,3 @@ def _plot(path: Path, history: list[dict]) -> None:
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------- CLI
-# Options of the recipe only (model, loss, lr, epochs, weight decay, seed, threads: mildnet.train's, for both).
-_RECIPE_FLAGS = ("temperature", "P", "K", "catalogue_share", "dropout", "catalogue_views")
-
-
-def add_arguments(p) -> None:
-    """``mildnet train --catalogue`` options; types and defaults from :class:`MetricConfig` (one definition)."""
-    import dataclasses
-
-    p.add_argument("--catalogue", help="train the default recipe on this catalogue (CSV/JSONL/folder/Grocery)")
-    p.add_argument("--root", help="folder the catalogue's relative paths are resolved against")
-    p.add_argument("--dev-fraction", type=float, default=0.2,
-                   help="share of products held out of training to choose the epoch on (default 0.2)")
-    p.add_argument("--dev-photo-fraction", type=float, default=0.15,
-                   help="share of each training product's photos held out for the same (default 0.15)")
-    for f in dataclasses.fields(MetricConfig):
-        if f.name in _RECIPE_FLAGS:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                           help=f"(--catalogue recipe) default {f.default}")
-
-
-def run_catalogue(args) -> int:
-    """``mildnet train --catalogue CAT --out DIR``: the default recipe on a user's catalogue."""
-    import dataclasses
-
-    from .data.catalogue import CatalogueError, load_catalogue
-    from .data.splits import protocol_split
-
-    items = load_catalogue(args.catalogue, root=args.root, allow_outside_root=args.allow_outside_root)
-    if not any(it.domain == "street" for it in items):  # photos only: every image is a photo of its product
-        items = [dataclasses.replace(it, domain="street") for it in items]
-    split = protocol_split(items, "unseen_products", seed=args.seed, test_fraction=0.0,
-                           dev_fraction=args.dev_fraction, dev_photo_fraction=args.dev_photo_fraction)
-    if len(split.fit_products) < 2:
-        raise CatalogueError(f"{args.catalogue}: fewer than 2 products are left to train on after the dev split")
-    shared = {"model": args.model, "input_size": args.input_size, "loss": args.loss, "lr": args.lr,
-              "epochs": args.epochs, "seed": args.seed, "threads": args.threads, "weight_decay": args.weight_decay}
-    cfg = MetricConfig(**{k: v for k, v in shared.items() if v is not None},
-                       **{k: getattr(args, k) for k in _RECIPE_FLAGS}, out=args.out, progress=not args.no_progress)
-    print(f"training {cfg.model} on {len(split.roles['fit'])} photos of {len(split.fit_products)} products; "
-          f"choosing the epoch on {len(split.dev_products)} held-out products and "
-          f"{len(split.roles['dev_seen'])} held-out photos", flush=True)
-    res = train_metric(cfg, items, split)
-    b = res["best"]
-    print(f"best: epoch {b['epoch']} (dev score {b['selection_score']:.4f}) -> {Path(args.out) / 'best.pt'} "
-          f"in {res['seconds']:.0f} s")
-    return 0

@@ -12,9 +12,13 @@ from collections import defaultdict
 from typing import Sequence
 
 import numpy as np
+import torch
 
-__all__ = ["per_query_retrieval", "per_query_triplets", "spread", "bootstrap_interval", "paired_interval",
-           "split_report", "summarise"]
+from .losses import distance, get_loss, triplet_correct
+
+__all__ = ["recall_at_k", "average_precision", "mean_average_precision", "rank", "retrieval_metrics",
+           "triplet_metrics", "per_query_retrieval", "per_query_triplets", "spread", "bootstrap_interval",
+           "paired_interval", "split_report", "summarise"]
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -144,3 +148,85 @@ def summarise(report: dict, *, n_boot: int = 1000, seed: int = 0) -> dict[str, d
         out[name] = {"value": float(finite.mean()) if len(finite) else float("nan"), "lo": lo, "hi": hi,
                      "n": int(len(finite))}
     return dict(out)
+
+
+# ---- rankings (mildnet eval) ------------------------------------------------------------------------------------
+def recall_at_k(relevance: Sequence[np.ndarray], k: int) -> float:
+    """Share of queries with at least one relevant item among their first ``k`` results.
+
+    ``relevance[q]`` is the ranked boolean relevance of query q's results. Queries with no relevant item at
+    all are left out (nothing could be found); NaN when no query is left.
+    """
+    hits = [bool(np.any(r[:k])) for r in relevance if np.any(r)]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def average_precision(relevance: np.ndarray) -> float:
+    """AP of one ranking: the mean, over relevant positions i (1-based), of precision@i. NaN if none relevant."""
+    r = np.asarray(relevance, dtype=bool)
+    if not r.any():
+        return float("nan")
+    positions = np.flatnonzero(r) + 1  # 1-based ranks of the relevant results
+    precision = np.arange(1, len(positions) + 1) / positions
+    return float(precision.mean())
+
+
+def mean_average_precision(relevance: Sequence[np.ndarray]) -> float:
+    aps = [average_precision(r) for r in relevance if np.any(r)]
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+def rank(queries: np.ndarray, gallery: np.ndarray, *, exclude: np.ndarray | None = None
+         ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Rank ``gallery[G, D]`` for each of ``queries[Q, D]`` by Euclidean distance (nearest first).
+
+    ``exclude[Q, G]`` (bool) removes pairs from the ranking (leave-one-out: a query's own image).
+    Returns per query the gallery indices in rank order and their distances.
+    """
+    q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
+    g = torch.as_tensor(np.asarray(gallery, dtype=np.float32))
+    d = torch.cdist(q, g).numpy()  # (Q, G)
+    orders, dists = [], []
+    for i in range(len(q)):
+        idx = np.argsort(d[i], kind="stable")
+        if exclude is not None:
+            idx = idx[~exclude[i, idx]]
+        orders.append(idx)
+        dists.append(d[i, idx])
+    return orders, dists
+
+
+def retrieval_metrics(orders: Sequence[np.ndarray], query_labels: Sequence[str], gallery_labels: Sequence[str],
+                      ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """recall@k and mAP overall and per query label, from rankings (relevant = same label)."""
+    g = np.asarray(gallery_labels)
+    relevance = [g[o] == ql for o, ql in zip(orders, query_labels)]
+    out = {f"recall@{k}": recall_at_k(relevance, k) for k in ks}
+    out["mAP"] = mean_average_precision(relevance)
+    out["queries"] = len(relevance)
+    out["queries_without_relevant"] = int(sum(not np.any(r) for r in relevance))
+    per: dict[str, list] = defaultdict(list)
+    for r, ql in zip(relevance, query_labels):
+        per[ql].append(r)
+    out["per_class"] = {c: {"queries": len(rs), "recall@1": recall_at_k(rs, 1), "AP": mean_average_precision(rs)}
+                        for c, rs in sorted(per.items())}
+    return out
+
+
+# ---- triplets (mildnet train, mildnet eval) --------------------------------------------------------------------
+def triplet_metrics(embeddings: np.ndarray | torch.Tensor, rows: torch.Tensor, loss_name: str = "hinge",
+                    margin: float = 1.0, kinds: list[str] | None = None) -> dict[str, float]:
+    """Loss and triplet accuracy of triplets given as rows ``Tensor[T, 3]`` into ``embeddings[N, D]``;
+    with ``kinds``, the accuracy per kind too (``accuracy_in_class`` ...)."""
+    emb = torch.as_tensor(embeddings, dtype=torch.float32)
+    q, p, n = emb[rows[:, 0]], emb[rows[:, 1]], emb[rows[:, 2]]
+    correct = triplet_correct(q, p, n)
+    out = {"loss": float(get_loss(loss_name)(q, p, n, margin=margin)), "accuracy": float(correct.float().mean()),
+           "triplets": int(len(rows)),
+           "mean_d_pos": float(distance(q, p).mean()), "mean_d_neg": float(distance(q, n).mean())}
+    if kinds is not None:
+        k = np.asarray(kinds)
+        c = correct.numpy()
+        for kind in sorted(set(kinds)):
+            out[f"accuracy_{kind}"] = float(c[k == kind].mean())
+    return out

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import UsageError
+
 RESIZE_MODES = ("squash", "crop")
 
 
@@ -33,13 +35,13 @@ class PreprocessSpec:
 
     def __post_init__(self) -> None:
         if self.input_size < 1:
-            raise ValueError(f"input_size must be >= 1, got {self.input_size}")
+            raise UsageError(f"input_size must be >= 1, got {self.input_size}")
         if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+            raise UsageError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.colour not in ("RGB", "BGR"):
-            raise ValueError(f"colour must be 'RGB' or 'BGR', got {self.colour!r}")
+            raise UsageError(f"colour must be 'RGB' or 'BGR', got {self.colour!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
-            raise ValueError(f"mean and std need 3 values each, std > 0; got {self.mean}, {self.std}")
+            raise UsageError(f"mean and std need 3 values each, std > 0; got {self.mean}, {self.std}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
 
@@ -61,7 +63,7 @@ class PreprocessSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown preprocessing spec keys: {sorted(unknown)}")
+            raise UsageError(f"unknown preprocessing spec keys: {sorted(unknown)}")
         return cls(**{k: tuple(v) if k in ("mean", "std") else v for k, v in d.items()})
 
     def to_json(self) -> str:

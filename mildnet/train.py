@@ -21,7 +21,6 @@ Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m mildnet train ...`` run
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -38,78 +37,79 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .checkpoint import CheckpointError, atomic_torch_save, save_checkpoint
+from .config import flag
 from .data.datasets import ImageCache, TripletDataset, _seed, embed_images, stack_triplets
 from .data.transforms import PaperAugment
 from .imageio import normalize
 from .data.triplets import read_triplets
+from .errors import UsageError
 from .fileio import atomic_open, atomic_write_text
-from .losses import BATCH_LOSSES, LOSSES, distance, get_loss, split_triplets, triplet_correct
+from .losses import BATCH_LOSSES, LOSSES, get_loss, split_triplets, triplet_correct
+from .metrics import triplet_metrics
+from .models import create, model_info
 from .models.head import MILDNet
 
-__all__ = ["TrainConfig", "train", "triplet_metrics", "configure_parser", "run"]
+__all__ = ["TrainConfig", "train"]
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on (saved in ``last.pt`` and ``metrics.json``)."""
+    """Everything a training run depends on (saved in ``last.pt`` and ``metrics.json``). Each field with
+    ``flag(...)`` metadata is also the ``mildnet train`` flag of that name (:mod:`mildnet.config`); a flag whose
+    default is None here takes the recipe's default (``--catalogue`` and ``--train`` share it)."""
 
-    train: str
-    val: str | None = None
-    out: str = "runs/mildnet"
-    model: str = "mildnet_mobile"
-    pretrained: bool = False
-    input_size: int | None = None
-    image_root: str | None = None
-    allow_outside_root: bool = False
-    loss: str = "hinge"
-    margin: float = 1.0
-    optimizer: str = "sgd"
-    lr: float | None = None  # None: the paper's rate for the model
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    epochs: int = 20
-    batch_size: int = 16
-    workers: int = 0
-    seed: int = 0
-    augment: bool = True
-    max_train_triplets: int | None = None
-    max_val_triplets: int | None = None
-    max_steps: int | None = None  # stop after this many optimiser steps in all (a budget; resumable)
-    select: str = "loss"  # best checkpoint by lowest val "loss" or highest val "accuracy"
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA only
-    cache: str | None = None  # decoded-image cache file (default: in the run folder)
-    threads: int | None = None
-    progress: bool = True
-    freeze_units: int | None = None  # freeze the first N backbone units (beyond what the model freezes)
-    freeze_backbone: bool = False  # freeze every backbone unit: only the dense head trains
-    pool_once: bool = True  # head-only training without augmentation: pool each image's taps once (see _pools_once)
-    freeze_bn: bool = False  # keep every BatchNorm on its pretrained statistics (small triplet batches)
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    train: str = field(metadata=flag("the paper's recipe on a triplets CSV (q,p,n; from `mildnet triplets`)"))
+    val: str | None = field(default=None, metadata=flag("validation triplets CSV (validated every epoch)"))
+    out: str = field(default="runs/mildnet", metadata=flag("run folder", required=True))
+    model: str = field(default="mildnet_mobile", metadata=flag(
+        "model zoo name (default mildnet_effnet_lite0 with --catalogue, mildnet_mobile with --train)", default=None))
+    pretrained: bool = field(default=False, metadata=flag("start from ImageNet backbone weights"))
+    input_size: int | None = field(default=None, metadata=flag("override the model's input size (e.g. 128 on a CPU)"))
+    image_root: str | None = field(default=None, metadata=flag(
+        "folder the triplet paths are relative to (default: from summary.json)"))
+    allow_outside_root: bool = field(default=False, metadata=flag())
+    loss: str = field(default="hinge", metadata=flag(
+        f"--catalogue: one of {BATCH_LOSSES} (default proxy_anchor); --train: one of {tuple(LOSSES)} (default hinge)",
+        choices=(*LOSSES, *BATCH_LOSSES), default=None))
+    margin: float = field(default=1.0, metadata=flag())
+    optimizer: str = field(default="sgd", metadata=flag(choices=("sgd", "adamw")))
+    lr: float | None = field(default=None, metadata=flag(  # None: the paper's rate for the model (its registry entry)
+        "learning rate (default: 1e-3, 1e-4 for mildnet_512)"))
+    momentum: float = field(default=0.9, metadata=flag("SGD Nesterov momentum"))
+    weight_decay: float = field(default=0.0, metadata=flag("default 1e-4 with --catalogue, 0 with --train",
+                                                           default=None))
+    epochs: int = field(default=20, metadata=flag("default 30 with --catalogue, 20 with --train", default=None))
+    batch_size: int = field(default=16, metadata=flag("triplets per step per process (3x images)"))
+    workers: int = field(default=0, metadata=flag("DataLoader worker processes"))
+    seed: int = field(default=0, metadata=flag())
+    augment: bool = field(default=True, metadata=flag("turn the paper's augmentations off"))
+    max_train_triplets: int | None = field(default=None, metadata=flag(
+        "use a fixed random subset of the training triplets"))
+    max_val_triplets: int | None = field(default=None, metadata=flag())
+    max_steps: int | None = field(default=None, metadata=flag(  # a budget; resumable
+        "stop after this many optimiser steps in all (resumable)"))
+    select: str = field(default="loss", metadata=flag(
+        "keep the checkpoint with the best val loss (paper) or accuracy", choices=("loss", "accuracy")))
+    device: str = field(default="auto", metadata=flag("auto, cpu, cuda or cuda:N"))
+    amp: bool = field(default=True, metadata=flag("no bf16 autocast on CUDA"))  # bf16 autocast on CUDA only
+    cache: str | None = field(default=None, metadata=flag(
+        "decoded-image cache file (default: <out>/images_<size>.pt)"))
+    threads: int | None = field(default=None, metadata=flag("torch CPU threads"))
+    freeze_units: int | None = field(default=None, metadata=flag(
+        "freeze the first N backbone units (more than the model's own freezing; faster on a CPU)"))
+    freeze_backbone: bool = field(default=False, metadata=flag(
+        "freeze the whole backbone: only the dense head trains (with --no-augment, each image's taps are pooled "
+        "once and training runs on them, minutes instead of hours on a CPU)"))
+    pool_once: bool = field(default=True, metadata=flag(  # see _pools_once
+        "run the frozen backbone on every step even when only the head trains (for comparison)"))
+    freeze_bn: bool = field(default=False, metadata=flag(
+        "keep BatchNorm layers on their pretrained statistics (small triplet batches)"))
+    progress: bool = field(default=True, metadata=flag())
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # --tap-norm: {"tap_norm": True}
 
     def resolved_lr(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 1e-4 if self.model == "mildnet_512" else 1e-3
-
-
-# --------------------------------------------------------------------------------------------- metrics
-def triplet_metrics(embeddings: np.ndarray | torch.Tensor, rows: torch.Tensor, loss_name: str = "hinge",
-                    margin: float = 1.0, kinds: list[str] | None = None) -> dict[str, float]:
-    """Loss and triplet accuracy of triplets given as rows ``Tensor[T, 3]`` into ``embeddings[N, D]``;
-    with ``kinds``, the accuracy per kind too (``accuracy_in_class`` ...)."""
-    emb = torch.as_tensor(embeddings, dtype=torch.float32)
-    q, p, n = emb[rows[:, 0]], emb[rows[:, 1]], emb[rows[:, 2]]
-    correct = triplet_correct(q, p, n)
-    out = {"loss": float(get_loss(loss_name)(q, p, n, margin=margin)), "accuracy": float(correct.float().mean()),
-           "triplets": int(len(rows)),
-           "mean_d_pos": float(distance(q, p).mean()), "mean_d_neg": float(distance(q, n).mean())}
-    if kinds is not None:
-        k = np.asarray(kinds)
-        c = correct.numpy()
-        for kind in sorted(set(kinds)):
-            out[f"accuracy_{kind}"] = float(c[k == kind].mean())
-    return out
+        """``lr``, else the paper's rate for the model (its registry entry)."""
+        return self.lr if self.lr is not None else model_info(self.model).lr
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -123,7 +123,7 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but no CUDA GPU is available")
+        raise UsageError("--device cuda asked for, but no CUDA GPU is available")
     return dev
 
 
@@ -197,313 +197,320 @@ class _PooledHead(torch.nn.Module):
         return self.model.embed_pooled(pooled)
 
 
-# --------------------------------------------------------------------------------------------- training
-def train(cfg: TrainConfig, *, resume: bool = False, features: dict[Path, torch.Tensor] | None = None) -> dict:
-    """Run (or resume) a training run; returns ``{"best": ..., "history": [...], "out": path}``.
+# --------------------------------------------------------------------------------------------- steps
+@dataclass(frozen=True)
+class _Process:
+    """This process's place in a (possibly distributed) run."""
 
-    ``features`` (image path -> pooled taps of this model's frozen backbone) stands in for the pooling pass
-    when the taps are pooled once (a benchmark that already pooled every image for another recipe)."""
-    from tqdm import tqdm
+    world: int
+    rank: int
+    device: torch.device
 
-    from .models import create
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
 
+    @property
+    def main(self) -> bool:  # only rank 0 writes files and prints
+        return self.rank == 0
+
+
+@dataclass
+class _Data:
+    """The decoded images and the triplets over them."""
+
+    cache: ImageCache
+    train_set: TripletDataset
+    pooled: torch.Tensor | None  # Tensor[len(cache), pooled_dim] when only the head trains on unaugmented images
+    val_index: torch.Tensor | None  # (V, 3) rows into the cache
+    val_kinds: list[str] | None
+    val_image_rows: torch.Tensor | None
+
+
+@dataclass
+class _State:
+    """What ``last.pt`` keeps between epochs."""
+
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+
+
+def start_process(cfg: TrainConfig) -> _Process:
+    """Device, process group (under torchrun) and CPU threads."""
     world, rank, local_rank = _dist_info()
-    distributed = world > 1
     device = _device(cfg, local_rank)
-    if distributed and not dist.is_initialized():
+    if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    main = rank == 0
-    out = Path(cfg.out)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    if cfg.select not in ("loss", "accuracy"):
-        raise ValueError(f"select must be 'loss' or 'accuracy', got {cfg.select!r}")
-    if cfg.optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
-    loss_fn = get_loss(cfg.loss)
+    return _Process(world, rank, device)
 
-    # -- model (seeded, so an uninterrupted run and a resumed one start from the same weights)
+
+def check_config(cfg: TrainConfig) -> None:
+    """The settings checked before anything is built (the loss name by :func:`get_loss`)."""
+    if cfg.select not in ("loss", "accuracy"):
+        raise UsageError(f"select must be 'loss' or 'accuracy', got {cfg.select!r}")
+    if cfg.optimizer not in ("sgd", "adamw"):
+        raise UsageError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+    get_loss(cfg.loss)
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> MILDNet:
+    """The zoo model, seeded (an uninterrupted run and a resumed one start from the same weights), with the
+    backbone units ``--freeze-units`` / ``--freeze-backbone`` ask for frozen."""
     torch.manual_seed(cfg.seed)
     kw = dict(cfg.model_kwargs)
     if cfg.input_size is not None:
         kw["input_size"] = cfg.input_size
     model = create(cfg.model, pretrained=cfg.pretrained, **kw).to(device)
-    spec = model.spec
     if cfg.freeze_units or cfg.freeze_backbone:
         flag = "--freeze-backbone" if cfg.freeze_backbone else "--freeze-units"
         units = getattr(getattr(model, "backbone", None), "units", None)
         if units is None:
-            raise ValueError(f"{cfg.model} has no backbone units to freeze ({flag})")
+            raise UsageError(f"{cfg.model} has no backbone units to freeze ({flag})")
         units = units()
         n = len(units) if cfg.freeze_backbone else cfg.freeze_units
         if not 0 < n <= len(units):
-            raise ValueError(f"--freeze-units must be in 1..{len(units)} for {cfg.model}, got {n}")
+            raise UsageError(f"--freeze-units must be in 1..{len(units)} for {cfg.model}, got {n}")
         model.freeze(list(dict.fromkeys([*model.frozen_modules(), *units[:n]])))
+    return model
+
+
+def make_optimizer(cfg: TrainConfig, model: MILDNet) -> torch.optim.Optimizer:
     params = list(model.trainable_parameters())
     if not params:
-        raise ValueError(f"{cfg.model} has no trainable parameters (a zero-shot baseline): evaluate it instead")
+        raise UsageError(f"{cfg.model} has no trainable parameters (a zero-shot baseline): evaluate it instead")
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.resolved_lr(), momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                              weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.resolved_lr(), momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
 
-    # -- data
+
+def load_data(cfg: TrainConfig, model: MILDNet, out: Path, proc: _Process,
+              features: dict[Path, torch.Tensor] | None) -> _Data:
+    """Triplets -> the decoded-image cache (rank 0 writes it, the others read it) -> the training set; the
+    taps pooled once when only the head trains on unaugmented images (see :func:`_pools_once`)."""
     train_rows, _ = read_triplets(cfg.train, cfg.image_root, allow_outside_root=cfg.allow_outside_root)
     train_rows, _ = _subset(train_rows, None, cfg.max_train_triplets, cfg.seed)
     val_rows, val_kinds = ([], None)
     if cfg.val:
         val_rows, val_kinds = read_triplets(cfg.val, cfg.image_root, allow_outside_root=cfg.allow_outside_root)
         val_rows, val_kinds = _subset(val_rows, val_kinds, cfg.max_val_triplets, cfg.seed)
-    cache_path = Path(cfg.cache) if cfg.cache else out / f"images_{spec.input_size}.pt"
+    cache_path = Path(cfg.cache) if cfg.cache else out / f"images_{model.spec.input_size}.pt"
     all_paths = [p for t in train_rows + val_rows for p in t]
-    if distributed:  # rank 0 decodes and writes the cache, the others read it
-        if main:
-            ImageCache.build(all_paths, spec, cache_path, progress=cfg.progress)
+    if proc.distributed:
+        if proc.main:
+            ImageCache.build(all_paths, model.spec, cache_path, progress=cfg.progress)
         dist.barrier()
-    cache = ImageCache.build(all_paths, spec, cache_path, progress=cfg.progress and main)
+    cache = ImageCache.build(all_paths, model.spec, cache_path, progress=cfg.progress and proc.main)
     for msg in cache.bad:
-        if main:
+        if proc.main:
             print(f"skipped unreadable image: {msg}", file=sys.stderr)
-    pooled = None  # Tensor[len(cache), pooled_dim] when only the head trains on unaugmented images
+    pooled = None
     if cfg.pool_once and not cfg.augment and _pools_once(model):
-        if main:
+        if proc.main:
             print(f"only the head trains and images are not augmented: pooling the taps of {len(cache)} images "
                   "once, then training on them", flush=True)
         pooled = (torch.stack([features[p] for p in cache.paths]) if features is not None else
-                  torch.from_numpy(embed_images(model, cache.images, batch_size=64, device=device,
-                                                forward=model.pool, progress=cfg.progress and main,
+                  torch.from_numpy(embed_images(model, cache.images, batch_size=64, device=proc.device,
+                                                forward=model.pool, progress=cfg.progress and proc.main,
                                                 desc="pooling taps")))
     train_set = TripletDataset(cache, train_rows, PaperAugment() if cfg.augment else None, seed=cfg.seed,
                                table=pooled)
-    val_index = None
+    val_index = val_image_rows = None
     if val_rows:
         usable = [i for i, t in enumerate(val_rows) if all(p in cache for p in t)]
         val_index = torch.tensor([cache.rows(val_rows[i]) for i in usable], dtype=torch.long)  # (V, 3)
         val_kinds = [val_kinds[i] for i in usable] if val_kinds else None
-        val_images_rows = torch.unique(val_index)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
-                                 drop_last=True)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        drop_last=True, pin_memory=device.type == "cuda",
+        val_image_rows = torch.unique(val_index)
+    return _Data(cache, train_set, pooled, val_index, val_kinds, val_image_rows)
+
+
+def make_loader(cfg: TrainConfig, data: _Data, proc: _Process) -> tuple[DistributedSampler, DataLoader]:
+    """Each process's share of every epoch's shuffled triplets (``set_epoch`` makes the order a function of
+    (seed, epoch)); full batches only."""
+    sampler = DistributedSampler(data.train_set, num_replicas=proc.world, rank=proc.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    loader = DataLoader(data.train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        drop_last=True, pin_memory=proc.device.type == "cuda",
                         persistent_workers=cfg.workers > 0)
     if len(loader) == 0:
-        raise ValueError(f"{len(train_set)} training triplets make no full batch of {cfg.batch_size} "
-                         f"per process ({world} process(es)); lower --batch-size")
+        raise UsageError(f"{len(data.train_set)} training triplets make no full batch of {cfg.batch_size} "
+                         f"per process ({proc.world} process(es)); lower --batch-size")
+    return sampler, loader
 
-    net: torch.nn.Module = model if pooled is None else _PooledHead(model)
-    if distributed:
+
+def wrap_model(model: MILDNet, data: _Data, proc: _Process) -> torch.nn.Module:
+    """What the optimiser steps through: the model, or its head above the pooled taps; DDP when distributed."""
+    net: torch.nn.Module = model if data.pooled is None else _PooledHead(model)
+    if proc.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-    use_amp = cfg.amp and device.type == "cuda"
+            net, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
+    return net
 
-    def validate() -> dict[str, float]:
-        if val_index is None:
-            return {}
-        emb = torch.zeros((len(cache), model.embedding_dim))
-        if pooled is None:
-            emb[val_images_rows] = torch.from_numpy(embed_images(model, cache.images[val_images_rows],
-                                                                 batch_size=max(64, cfg.batch_size * 3),
-                                                                 device=device))
-        else:  # eval mode (no dropout) as embed_images does, then back to the mode the model was in
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                emb[val_images_rows] = model.embed_pooled(pooled[val_images_rows].to(device)).float().cpu()
-            model.train(was_training)
-        return triplet_metrics(emb, val_index, cfg.loss, cfg.margin, val_kinds)
 
-    # -- state: fresh or resumed
-    history: list[dict] = []
-    best: dict[str, Any] = {}
-    start_epoch, step = 0, 0
-    last_path = out / "last.pt"
+def validate(cfg: TrainConfig, model: MILDNet, data: _Data, device: torch.device) -> dict[str, float]:
+    """Loss and accuracy on the validation triplets ({} without ``--val``)."""
+    if data.val_index is None:
+        return {}
+    emb = torch.zeros((len(data.cache), model.embedding_dim))
+    rows = data.val_image_rows
+    if data.pooled is None:
+        emb[rows] = torch.from_numpy(embed_images(model, data.cache.images[rows],
+                                                  batch_size=max(64, cfg.batch_size * 3), device=device))
+    else:  # eval mode (no dropout) as embed_images does, then back to the mode the model was in
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            emb[rows] = model.embed_pooled(data.pooled[rows].to(device)).float().cpu()
+        model.train(was_training)
+    return triplet_metrics(emb, data.val_index, cfg.loss, cfg.margin, data.val_kinds)
+
+
+def resume_state(cfg: TrainConfig, model: MILDNet, opt: torch.optim.Optimizer, last_path: Path,
+                 proc: _Process) -> _State:
+    """Model, optimiser, counters and RNG from ``last.pt``, refusing one written with other settings."""
+    try:
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{last_path}: cannot resume from it ({type(e).__name__}: {e})") from None
+    saved = state.get("config", {})
+    for key in ("model", "train", "seed", "batch_size", "loss", "optimizer"):
+        if saved.get(key) != getattr(cfg, key):
+            raise UsageError(f"--resume: {last_path} was written with {key}={saved.get(key)!r}, this run "
+                             f"has {key}={getattr(cfg, key)!r}; use another --out or the same settings")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if proc.device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], proc.device)
+    return _State(int(state["epoch"]), int(state["step"]), list(state["history"]), dict(state["best"]))
+
+
+def train_epoch(cfg: TrainConfig, epoch: int, state: _State, model: MILDNet, net: torch.nn.Module, data: _Data,
+                loader: DataLoader, opt: torch.optim.Optimizer, proc: _Process) -> tuple[float, int, int, bool]:
+    """One pass over this process's batches: (loss sum, correct, triplets seen, stopped by --max-steps);
+    ``state.step`` counts the optimiser steps."""
+    from tqdm import tqdm
+
+    loss_fn = get_loss(cfg.loss)
+    use_amp = cfg.amp and proc.device.type == "cuda"
+    model.train()
+    if cfg.freeze_bn:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and proc.main), leave=False)
+    for batch in bar:
+        if cfg.max_steps is not None and state.step >= cfg.max_steps:
+            bar.close()
+            return loss_sum, correct, seen, True
+        x = stack_triplets(batch).to(proc.device, non_blocking=True)  # (3T, 3, S, S) images or (3T, F) pooled
+        if data.pooled is None:
+            x = normalize(x, model.spec)
+        with torch.autocast(proc.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            emb = net(x)  # (3T, D): one forward for the whole triplet batch
+        q, p, n = split_triplets(emb.float())
+        loss = loss_fn(q, p, n, margin=cfg.margin)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state.step += 1
+        t = q.shape[0]
+        loss_sum += loss.item() * t
+        correct += int(triplet_correct(q.detach(), p.detach(), n.detach()).sum())
+        seen += t
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+    bar.close()
+    return loss_sum, correct, seen, False
+
+
+def end_epoch(cfg: TrainConfig, epoch: int, state: _State, row: dict, v: dict, model: MILDNet,
+              opt: torch.optim.Optimizer, out: Path, proc: _Process) -> bool:
+    """Record the epoch: the best checkpoint when it is better, ``last.pt``, the logs (rank 0). Returns
+    whether it was the best so far."""
+    state.history.append(row)
+    score = v.get(cfg.select) if v else row[f"train_{cfg.select}"]
+    better = not state.best or (score < state.best["score"] if cfg.select == "loss" else score > state.best["score"])
+    if not proc.main:
+        if better:
+            state.best = {"epoch": epoch, "score": score}
+        return better
+    if better:
+        state.best = {"epoch": epoch, "score": score, "select": cfg.select,
+                      "val_loss": v.get("loss"), "val_accuracy": v.get("accuracy")}
+        save_checkpoint(out / "best.pt", model, variant=model.variant, model_kwargs=model.model_kwargs,
+                        extra={"epoch": epoch, "val_loss": v.get("loss"), "val_accuracy": v.get("accuracy"),
+                               "training": json.dumps(asdict(cfg))})
+    atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                       "step": state.step, "history": state.history, "best": state.best,
+                       "rng": _rng_state(proc.device), "config": asdict(cfg)}, out / "last.pt")
+    _write_logs(out, cfg, state.history, state.best)
+    print(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
+          + (f" | val loss {v['loss']:.4f} acc {v['accuracy']:.4f}" if v else "")
+          + f" | {row['seconds']:.0f}s" + (" *" if better else ""), flush=True)
+    return better
+
+
+# --------------------------------------------------------------------------------------------- training
+def train(cfg: TrainConfig, *, resume: bool = False, features: dict[Path, torch.Tensor] | None = None) -> dict:
+    """Run (or resume) a training run; returns ``{"best": ..., "history": [...], "out": path}``.
+
+    ``features`` (image path -> pooled taps of this model's frozen backbone) stands in for the pooling pass
+    when the taps are pooled once (a benchmark that already pooled every image for another recipe)."""
+    proc = start_process(cfg)
+    out = Path(cfg.out)
+    if proc.main:
+        out.mkdir(parents=True, exist_ok=True)
+    check_config(cfg)
+    model = build_model(cfg, proc.device)
+    opt = make_optimizer(cfg, model)
+    data = load_data(cfg, model, out, proc, features)
+    sampler, loader = make_loader(cfg, data, proc)
+    net = wrap_model(model, data, proc)
+
+    state, last_path = _State(), out / "last.pt"
     if resume and last_path.is_file():
-        try:
-            state = torch.load(last_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{last_path}: cannot resume from it ({type(e).__name__}: {e})") from None
-        saved = state.get("config", {})
-        for key in ("model", "train", "seed", "batch_size", "loss", "optimizer"):
-            if saved.get(key) != getattr(cfg, key):
-                raise ValueError(f"--resume: {last_path} was written with {key}={saved.get(key)!r}, this run "
-                                 f"has {key}={getattr(cfg, key)!r}; use another --out or the same settings")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        history, best = list(state["history"]), dict(state["best"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        if main:
-            print(f"resuming {out} after epoch {start_epoch} (step {step})")
-    elif resume and main:
+        state = resume_state(cfg, model, opt, last_path, proc)
+        if proc.main:
+            print(f"resuming {out} after epoch {state.epoch} (step {state.step})")
+    elif resume and proc.main:
         print(f"--resume: no {last_path} yet, starting fresh")
-
-    if start_epoch == 0 and not history:
-        v = validate()
-        history.append({"epoch": 0, "step": 0, "train_loss": float("nan"), "train_accuracy": float("nan"),
-                        **{f"val_{k}": x for k, x in v.items() if k != "triplets"}, "lr": cfg.resolved_lr(),
-                        "seconds": 0.0})
-        if main:
-            _write_logs(out, cfg, history, best)
+    if state.epoch == 0 and not state.history:
+        v = validate(cfg, model, data, proc.device)
+        state.history.append({"epoch": 0, "step": 0, "train_loss": float("nan"), "train_accuracy": float("nan"),
+                              **{f"val_{k}": x for k, x in v.items() if k != "triplets"}, "lr": cfg.resolved_lr(),
+                              "seconds": 0.0})
+        if proc.main:
+            _write_logs(out, cfg, state.history, state.best)
 
     stopped = False
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
         t0 = time.time()
         torch.manual_seed(_seed(cfg.seed, epoch, 1))  # dropout draws: a function of (seed, epoch)
         sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        model.train()
-        if cfg.freeze_bn:
-            for m in model.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and main), leave=False)
-        for batch in bar:
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                stopped = True
-                break
-            x = stack_triplets(batch).to(device, non_blocking=True)  # (3T, 3, S, S) images or (3T, F) pooled
-            if pooled is None:
-                x = normalize(x, spec)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                emb = net(x)  # (3T, D): one forward for the whole triplet batch
-            q, p, n = split_triplets(emb.float())
-            loss = loss_fn(q, p, n, margin=cfg.margin)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            t = q.shape[0]
-            loss_sum += loss.item() * t
-            correct += int(triplet_correct(q.detach(), p.detach(), n.detach()).sum())
-            seen += t
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-        bar.close()
+        data.train_set.set_epoch(epoch)
+        loss_sum, correct, seen, stopped = train_epoch(cfg, epoch, state, model, net, data, loader, opt, proc)
         if stopped:
-            if main:
-                print(f"stopped after {step} steps (--max-steps); --resume continues from epoch {epoch - 1}")
+            if proc.main:
+                print(f"stopped after {state.step} steps (--max-steps); --resume continues from epoch {epoch - 1}")
             break
-        if distributed:  # epoch means over every process
+        if proc.distributed:  # epoch means over every process
             t = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
             dist.all_reduce(t)
             loss_sum, correct, seen = float(t[0]), int(t[1]), int(t[2])
-        v = validate()
-        row = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(seen, 1),
+        v = validate(cfg, model, data, proc.device)
+        row = {"epoch": epoch, "step": state.step, "train_loss": loss_sum / max(seen, 1),
                "train_accuracy": correct / max(seen, 1), **{f"val_{k}": x for k, x in v.items() if k != "triplets"},
                "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
-        history.append(row)
-        score = v.get(cfg.select) if v else row[f"train_{cfg.select}"]
-        better = not best or (score < best["score"] if cfg.select == "loss" else score > best["score"])
-        if main:
-            if better:
-                best = {"epoch": epoch, "score": score, "select": cfg.select,
-                        "val_loss": v.get("loss"), "val_accuracy": v.get("accuracy")}
-                save_checkpoint(out / "best.pt", model, variant=model.variant, model_kwargs=model.model_kwargs,
-                                extra={"epoch": epoch, "val_loss": v.get("loss"), "val_accuracy": v.get("accuracy"),
-                                       "training": json.dumps(asdict(cfg))})
-            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                               "step": step, "history": history, "best": best, "rng": _rng_state(device),
-                               "config": asdict(cfg)}, last_path)
-            _write_logs(out, cfg, history, best)
-            print(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
-                  + (f" | val loss {v['loss']:.4f} acc {v['accuracy']:.4f}" if v else "")
-                  + f" | {row['seconds']:.0f}s" + (" *" if better else ""), flush=True)
-        elif better:
-            best = {"epoch": epoch, "score": score}
-        if distributed:
+        end_epoch(cfg, epoch, state, row, v, model, opt, out, proc)
+        if proc.distributed:
             dist.barrier()
-    if distributed:
+    if proc.distributed:
         dist.destroy_process_group()
-    return {"best": best, "history": history, "out": str(out), "stopped": stopped, "step": step}
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    from .metric_train import add_arguments
-
-    add_arguments(p)  # --catalogue: the default recipe (mildnet.metric_train)
-    p.add_argument("--train", help="the paper's recipe on a triplets CSV (q,p,n; from `mildnet triplets`)")
-    p.add_argument("--val", help="validation triplets CSV (validated every epoch)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--model", help="model zoo name (default mildnet_effnet_lite0 with --catalogue, "
-                                   "mildnet_mobile with --train)")
-    p.add_argument("--pretrained", action="store_true", help="start from ImageNet backbone weights")
-    p.add_argument("--input-size", type=int, help="override the model's input size (e.g. 128 on a CPU)")
-    p.add_argument("--tap-norm", action="store_true",
-                   help="L2-normalise each pooled tap before the concat (MobileNet/EfficientNet models)")
-    p.add_argument("--image-root", help="folder the triplet paths are relative to (default: from summary.json)")
-    p.add_argument("--allow-outside-root", action="store_true")
-    p.add_argument("--loss", choices=(*LOSSES, *BATCH_LOSSES),
-                   help=f"--catalogue: one of {BATCH_LOSSES} (default proxy_anchor); --train: one of "
-                        f"{tuple(LOSSES)} (default hinge)")
-    p.add_argument("--margin", type=float, default=1.0)
-    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    p.add_argument("--lr", type=float, help="learning rate (default: 1e-3, 1e-4 for mildnet_512)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD Nesterov momentum")
-    p.add_argument("--weight-decay", type=float, help="default 1e-4 with --catalogue, 0 with --train")
-    p.add_argument("--epochs", type=int, help="default 30 with --catalogue, 20 with --train")
-    p.add_argument("--batch-size", type=int, default=16, help="triplets per step per process (3x images)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-augment", action="store_true", help="turn the paper's augmentations off")
-    p.add_argument("--max-train-triplets", type=int, help="use a fixed random subset of the training triplets")
-    p.add_argument("--max-val-triplets", type=int)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps in all (resumable)")
-    p.add_argument("--select", choices=("loss", "accuracy"), default="loss",
-                   help="keep the checkpoint with the best val loss (paper) or accuracy")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--cache", help="decoded-image cache file (default: <out>/images_<size>.pt)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--freeze-units", type=int,
-                   help="freeze the first N backbone units (more than the model's own freezing; faster on a CPU)")
-    p.add_argument("--freeze-backbone", action="store_true",
-                   help="freeze the whole backbone: only the dense head trains (with --no-augment, each image's "
-                        "taps are pooled once and training runs on them, minutes instead of hours on a CPU)")
-    p.add_argument("--no-pool-once", action="store_true",
-                   help="run the frozen backbone on every step even when only the head trains (for comparison)")
-    p.add_argument("--freeze-bn", action="store_true",
-                   help="keep BatchNorm layers on their pretrained statistics (small triplet batches)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        train=str(Path(args.train).resolve()), val=str(Path(args.val).resolve()) if args.val else None,
-        out=args.out, model=args.model or "mildnet_mobile", pretrained=args.pretrained, input_size=args.input_size,
-        image_root=args.image_root, allow_outside_root=args.allow_outside_root, loss=args.loss or "hinge",
-        margin=args.margin,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay or 0.0,
-        epochs=args.epochs or 20, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
-        augment=not args.no_augment, max_train_triplets=args.max_train_triplets,
-        max_val_triplets=args.max_val_triplets, max_steps=args.max_steps, select=args.select, device=args.device,
-        amp=not args.no_amp, cache=args.cache, threads=args.threads, progress=not args.no_progress,
-        freeze_units=args.freeze_units, freeze_backbone=args.freeze_backbone, pool_once=not args.no_pool_once,
-        freeze_bn=args.freeze_bn,
-        model_kwargs={"tap_norm": True} if args.tap_norm else {})
-
-
-def run(args: argparse.Namespace) -> int:
-    if bool(args.catalogue) == bool(args.train):
-        raise ValueError("give --catalogue CATALOGUE (the default recipe) or --train TRIPLETS.csv (the paper's "
-                         "triplet recipe), not " + ("both" if args.catalogue else "neither"))
-    if args.catalogue:
-        from .metric_train import run_catalogue
-        return run_catalogue(args)
-    if args.loss is not None and args.loss not in LOSSES:
-        raise ValueError(f"--train (the triplet recipe) takes --loss {'/'.join(LOSSES)}, got {args.loss!r}")
-    result = train(config_from_args(args), resume=args.resume)
-    if _dist_info()[1] == 0:
-        b = result["best"]
-        if b:
-            print(f"best: epoch {b['epoch']} ({b['select']} {b['score']:.4f}) -> {Path(args.out) / 'best.pt'}")
-    return 0
+    return {"best": state.best, "history": state.history, "out": str(out), "stopped": stopped, "step": state.step}

@@ -16,6 +16,7 @@ import pytest
 
 from mildnet import query
 from mildnet.cli import main as mildnet_main
+from mildnet.commands import query as query_command
 from mildnet.data.catalogue import index_entries
 from mildnet.index import MAX_K, create_index, load_index
 from mildnet.index import builder as indexer
@@ -85,10 +86,10 @@ def test_parse_filter_errors(pairs, message):
 
 def test_query_k_bounds(tmp_path):
     """--k: 1..MAX_K (argparse, exit 2); a k above the catalogue size is fine (min(k, n) results)."""
-    assert query.parse_args(["q.jpg", "--k", str(MAX_K)]).k == MAX_K
+    assert query_command.parse_args(["q.jpg", "--k", str(MAX_K)]).k == MAX_K
     for bad in ("0", str(MAX_K + 1)):
         with pytest.raises(SystemExit) as e:
-            query.parse_args(["q.jpg", "--k", bad])
+            query_command.parse_args(["q.jpg", "--k", bad])
         assert e.value.code == 2
 
 

@@ -1,9 +1,9 @@
-"""client/demo.py (`make demo`): the data chooser and catalogue picking with fakes, then the whole pipeline on a
-small slice of Grocery against a real Triton server, its page and summary checked against the index."""
+"""client/demo.py (`make demo`; its library is mildnet/demo.py): the data chooser and catalogue picking with
+fakes, then the whole pipeline on a small slice of Grocery against a real Triton server, its page and summary
+checked against the index."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import re
 import struct
@@ -14,14 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mildnet import demo
 from mildnet.data.catalogue import CatalogueItem, load_catalogue, write_catalogue
 from mildnet.index import load_index
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("client_demo", ROOT / "client" / "demo.py")
-demo = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = demo  # its dataclasses look their module up there
-_spec.loader.exec_module(demo)
 
 
 # ---- the data chooser, with fake folders, network and git ---------------------------------------------------------

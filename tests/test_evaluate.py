@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mildnet.data.catalogue import CatalogueItem
-from mildnet.evaluate import (average_precision, evaluate_catalogue, mean_average_precision, rank, recall_at_k,
-                              retrieval_metrics, write_results_page)
+from mildnet.evaluate import evaluate_catalogue, write_results_page
+from mildnet.metrics import average_precision, mean_average_precision, rank, recall_at_k, retrieval_metrics
 
 R = np.array  # ranked relevance of one query's results
 

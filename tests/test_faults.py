@@ -294,7 +294,6 @@ def test_disk_full_while_saving_checkpoint_keeps_previous(tiny_disk):
 
 RLIMIT_SCRIPT = textwrap.dedent("""
     import errno, resource, signal, sys
-    sys.path.insert(0, sys.argv[2])
     import numpy as np
     from mildnet.index import create_index, load_index
     def make(n):
@@ -321,7 +320,7 @@ RLIMIT_SCRIPT = textwrap.dedent("""
 
 def test_disk_full_by_rlimit(tmp_path):
     """The same as the tmpfs test without root: the kernel refuses writes past RLIMIT_FSIZE (EFBIG)."""
-    r = subprocess.run([sys.executable, "-c", RLIMIT_SCRIPT, str(tmp_path / "c.mindex"), str(ROOT)],
+    r = subprocess.run([sys.executable, "-c", RLIMIT_SCRIPT, str(tmp_path / "c.mindex")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "previous index intact" in r.stdout, r.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.mindex"]
@@ -331,7 +330,6 @@ def test_disk_full_by_rlimit(tmp_path):
 RACE_SCRIPT = textwrap.dedent("""
     import json, sys, threading
     import numpy as np
-    sys.path.insert(0, sys.argv[2])
     from mildnet.index import create_index
 
     D = 32
@@ -383,7 +381,7 @@ RACE_SCRIPT = textwrap.dedent("""
 def test_concurrent_queries_while_adding_and_deleting(kind):
     """Three reader threads search one Index while a writer adds and removes items: no exception, no
     crash, every hit consistent. Runs in a subprocess so a native crash fails this test, not the session."""
-    r = subprocess.run([sys.executable, "-c", RACE_SCRIPT, kind, str(ROOT)], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", RACE_SCRIPT, kind], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, f"crashed (exit {r.returncode}): {r.stderr[-1500:]}"
     assert r.stdout.strip() == "[]", f"errors under concurrent add/remove/search: {r.stdout}"

@@ -99,8 +99,9 @@ def test_extension_records_the_torch_it_was_built_against():
 def test_extension_built_against_another_torch_is_refused():
     """A stale extension (torch upgraded since the build) is not loaded: the reference path runs, with a warning
     that says how to rebuild, instead of a crash or garbage from a C++ ABI mismatch."""
-    code = ("import sys, mildnet._build_info as b; b.TORCH_VERSION = '1.0.0'; import mildnet.ops as o; "
-            "print(o.EXTENSION_LOADED, o.EXTENSION_ERROR)")
+    # `import mildnet` loads the op, so the stale build record is in place before the package is imported.
+    code = ("import sys, types; b = types.ModuleType('mildnet._build_info'); b.TORCH_VERSION = '1.0.0'; "
+            "sys.modules[b.__name__] = b; import mildnet.ops as o; print(o.EXTENSION_LOADED, o.EXTENSION_ERROR)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("False mildnet._C was compiled against torch 1.0.0")

@@ -2,7 +2,6 @@
 bench/results/*.json through bench/report.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -20,10 +19,9 @@ DOCS = [README, RESULTS_DOC]
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import report  # the checkout root is on sys.path: pytest.ini's pythonpath
+
+    return report
 
 
 @pytest.fixture

@@ -243,11 +243,10 @@ def test_pickle_module_is_what_torch_raises():
     assert issubclass(pickle.UnpicklingError, Exception)  # the except clause in read_checkpoint names it
 
 
+# Loaded beside client/locustfile.py (locust takes several files: -f a.py,b.py).
 HANGING_LOCUSTFILE = """
-import atexit, sys
+import atexit
 from gevent import monkey
-sys.path.insert(0, {client!r})
-from locustfile import *  # noqa
 atexit.register(monkey.get_original("time", "sleep"), 600)  # a hang at interpreter exit, as seen 1 run in 3
 """
 
@@ -260,8 +259,9 @@ def test_locust_run_always_ends(triton_server, grocery_photos, tmp_path):
     images.mkdir()
     for p in grocery_photos[:2]:
         (images / p.name).write_bytes(p.read_bytes())
-    (tmp_path / "hanging.py").write_text(HANGING_LOCUSTFILE.format(client=str(ROOT / "client")))
-    cmd = [sys.executable, "-m", "locust", "-f", str(tmp_path / "hanging.py"), "--headless", "-u", "2", "-r", "2",
+    (tmp_path / "hanging.py").write_text(HANGING_LOCUSTFILE)
+    cmd = [sys.executable, "-m", "locust", "-f", f"{ROOT / 'client' / 'locustfile.py'},{tmp_path / 'hanging.py'}",
+           "--headless", "-u", "2", "-r", "2",
            "-t", "3s", "--stop-timeout", "5", "--host", f"http://{triton_server.http_url}",
            "--grpc-host", triton_server.grpc_url, "--images", str(images), "--json-file", str(tmp_path / "stats"),
            "--only-summary", "--web-host", "127.0.0.1"]

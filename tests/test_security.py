@@ -40,7 +40,7 @@ def test_server_command_binds_loopback_by_default(tmp_path):
 def test_serve_cli_default_host_is_loopback():
     import argparse
 
-    from mildnet.serving.server import configure_parser
+    from mildnet.commands.serve import configure_parser
 
     parser = argparse.ArgumentParser()
     configure_parser(parser)

@@ -37,7 +37,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..errors import MildnetError
 from ..fileio import atomic_open
+from ..imageio import ImageDecodeError, decode_image
 
 __all__ = [
     "CatalogueError", "CatalogueItem", "load_catalogue", "grocery_catalogue", "folder_catalogue",
@@ -58,7 +60,7 @@ COLUMN_ALIASES = {"image": "path", "image_path": "path", "file": "path", "filena
 TRIPLET_HEADERS = ({"q", "p", "n"}, {"query", "positive", "negative"}, {"anchor", "positive", "negative"})
 
 
-class CatalogueError(ValueError):
+class CatalogueError(MildnetError, ValueError):
     """A catalogue (or one of its rows) cannot be used; the message names the file, the row and why."""
 
 
@@ -588,8 +590,6 @@ def check_images(items: Sequence[CatalogueItem], *, max_bad_fraction: float = 0.
     A few bad images in a large catalogue are reported and skipped; if more than ``max_bad_fraction`` are
     bad, something is wrong with the whole catalogue and :class:`CatalogueError` is raised.
     """
-    from ..imageio import ImageDecodeError, decode_image
-
     good, bad = [], []
     for i, it in enumerate(items):
         try:

@@ -17,8 +17,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ..checkpoint import atomic_torch_save
+from ..errors import UsageError
 from ..imageio import ImageDecodeError, decode_resized, normalize, resize_key
 from ..spec import PreprocessSpec
+from .catalogue import CatalogueError
 from .transforms import PaperAugment
 
 __all__ = ["ImageCache", "TripletDataset", "embed_images", "embed_items", "stack_triplets"]
@@ -134,7 +136,7 @@ class TripletDataset(Dataset):
         self.cache, self.augment, self.seed, self.epoch = cache, augment, seed, 0
         self.table = cache.images if table is None else table  # or per-image features aligned with the cache
         if table is not None and augment is not None:
-            raise ValueError("a feature table cannot be augmented: augmentations act on images")
+            raise UsageError("a feature table cannot be augmented: augmentations act on images")
         rows = []
         self.skipped = 0
         for t in triplets:
@@ -143,7 +145,7 @@ class TripletDataset(Dataset):
             else:
                 self.skipped += 1  # a triplet touching an unreadable image
         if not rows:
-            raise ValueError("no usable triplets (all of them refer to missing or unreadable images)")
+            raise CatalogueError("no usable triplets (all of them refer to missing or unreadable images)")
         self.rows = torch.tensor(rows, dtype=torch.long)  # (T, 3)
 
     def set_epoch(self, epoch: int) -> None:

@@ -12,6 +12,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..errors import UsageError
+
 __all__ = ["PKSampler"]
 
 
@@ -29,20 +31,20 @@ class PKSampler:
     def __init__(self, labels: Sequence, *, P: int = 16, K: int = 4, is_catalogue: Sequence[bool] | None = None,
                  catalogue_share: float = 0.25, batches_per_epoch: int | None = None, seed: int = 0):
         if K < 2:
-            raise ValueError(f"K must be >= 2 (an anchor needs a positive in its batch), got {K}")
+            raise UsageError(f"K must be >= 2 (an anchor needs a positive in its batch), got {K}")
         if not 0.0 <= catalogue_share <= 1.0:
-            raise ValueError(f"catalogue_share must be in [0, 1], got {catalogue_share}")
+            raise UsageError(f"catalogue_share must be in [0, 1], got {catalogue_share}")
         labels = list(labels)
         is_catalogue = [False] * len(labels) if is_catalogue is None else list(is_catalogue)
         if len(is_catalogue) != len(labels):
-            raise ValueError(f"is_catalogue has {len(is_catalogue)} entries for {len(labels)} labels")
+            raise UsageError(f"is_catalogue has {len(is_catalogue)} entries for {len(labels)} labels")
         photos: dict = defaultdict(list)
         shop: dict = defaultdict(list)
         for i, (lab, c) in enumerate(zip(labels, is_catalogue)):
             (shop if c else photos)[lab].append(i)
         self.products = sorted(p for p in photos if len(photos[p]) + len(shop[p]) >= 2)
         if len(self.products) < 2:
-            raise ValueError(f"a P x K batch needs at least 2 products with 2 images each, got {len(self.products)}")
+            raise UsageError(f"a P x K batch needs at least 2 products with 2 images each, got {len(self.products)}")
         self.P = min(P, len(self.products))
         self.K, self.catalogue_share, self.seed, self.epoch = K, catalogue_share, seed, 0
         self.photos, self.shop = dict(photos), dict(shop)

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import UsageError
 from .catalogue import CatalogueError, CatalogueItem
 
 __all__ = ["SCHEMES", "ROLES", "ProtocolSplit", "protocol_split", "kind_of"]
@@ -97,11 +98,11 @@ def protocol_split(items: Sequence[CatalogueItem], scheme: str = "unseen_product
     Photos whose catalogue split is ``val`` or ``test`` never train: those of fit products are ``test_seen``.
     """
     if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+        raise UsageError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     for name, v in (("test_fraction", test_fraction), ("dev_fraction", dev_fraction),
                     ("dev_photo_fraction", dev_photo_fraction)):
         if not 0.0 <= v < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {v}")
+            raise UsageError(f"{name} must be in [0, 1), got {v}")
     street = [i for i, it in enumerate(items) if it.domain == "street"]
     if not street:
         raise CatalogueError("a protocol split needs street photos (domain 'street'); the catalogue has none")

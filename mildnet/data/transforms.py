@@ -63,7 +63,7 @@ class RetrievalAugment:
         self.scale, self.ratio, self.jitter = scale, ratio, jitter
 
     def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        import torchvision.transforms.v2.functional as TF
+        import torchvision.transforms.v2.functional as TF  # lazy: torchvision costs ~1 s to import, only this needs it
 
         _, h, w = img.shape
         u = torch.rand(8, generator=generator, dtype=torch.float64).tolist()

@@ -1,4 +1,5 @@
-"""Automatic triplet creation from a catalogue (``mildnet triplets``), MILDNet's in-house recipe.
+"""Automatic triplet creation from a catalogue (``mildnet triplets``, :mod:`mildnet.commands.triplets`), MILDNet's
+in-house recipe.
 
 For every query image of a split:
 
@@ -18,8 +19,8 @@ by kind and by class, the options, and ``image_root``, the folder the paths are 
 """
 from __future__ import annotations
 
-import argparse
 import csv
+import io
 import json
 import os
 import warnings
@@ -30,11 +31,12 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import UsageError
 from ..fileio import atomic_write_text
-from .catalogue import CatalogueError, CatalogueItem, check_images, load_catalogue
+from .catalogue import CatalogueError, CatalogueItem, _resolve_path, read_triplet_csv
 
 __all__ = ["TripletOptions", "Triplet", "make_triplets", "write_triplets", "read_triplets", "summarise",
-           "nearest_wrong", "configure_parser", "run"]
+           "nearest_wrong"]
 
 KINDS = ("in_class", "out_class", "hard_in_class", "hard_out_class")
 ALL_SPLIT = "all"  # name used when the catalogue has no splits
@@ -62,16 +64,16 @@ class TripletOptions:
 
     def __post_init__(self) -> None:
         if self.per_query < 1:
-            raise ValueError(f"per_query must be >= 1, got {self.per_query}")
+            raise UsageError(f"per_query must be >= 1, got {self.per_query}")
         for name in ("in_class_ratio", "hard_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise UsageError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.positives not in ("auto", "shop", "any"):
-            raise ValueError(f"positives must be auto, shop or any, got {self.positives!r}")
+            raise UsageError(f"positives must be auto, shop or any, got {self.positives!r}")
         if self.negative_domain not in ("positive", "any"):
-            raise ValueError(f"negative_domain must be positive or any, got {self.negative_domain!r}")
+            raise UsageError(f"negative_domain must be positive or any, got {self.negative_domain!r}")
         if self.hard_pool < 1:
-            raise ValueError(f"hard_pool must be >= 1, got {self.hard_pool}")
+            raise UsageError(f"hard_pool must be >= 1, got {self.hard_pool}")
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def make_triplets(items: Sequence[CatalogueItem], options: TripletOptions = Trip
             split with no negative at all.
     """
     if options.hard_ratio > 0 and embeddings is None:
-        raise ValueError("hard negatives (hard_ratio > 0) need embeddings from a trained model (--checkpoint)")
+        raise UsageError("hard negatives (hard_ratio > 0) need embeddings from a trained model (--checkpoint)")
     has_splits = any(it.split is not None for it in items)
     present = sorted({it.split for it in items if it.split is not None}) if has_splits else [None]
     wanted = present if splits is None else list(splits)
@@ -197,7 +199,7 @@ def nearest_wrong(embeddings: np.ndarray | None, items: Sequence[CatalogueItem],
         return {}
     emb = np.asarray(embeddings, dtype=np.float32)
     if emb.shape[0] != len(items):
-        raise ValueError(f"embeddings has {emb.shape[0]} rows for {len(items)} catalogue items")
+        raise UsageError(f"embeddings has {emb.shape[0]} rows for {len(items)} catalogue items")
     pool_arr = np.asarray(pool)
     pool_items = np.asarray([items[i].item_id for i in pool])
     g = emb[pool_arr]  # (G, D)
@@ -240,8 +242,6 @@ def write_triplets(out_dir: str | os.PathLike, triplets: Sequence[Triplet], item
                    *, image_root: Path | None = None, options: TripletOptions | None = None,
                    extra: dict | None = None) -> dict:
     """Write ``<split>.csv`` (official q,p,n), ``<split>.details.csv`` and ``summary.json``; return the summary."""
-    import io
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     image_root = (image_root or common_root(items)).resolve()
@@ -280,8 +280,6 @@ def read_triplets(csv_path: str | os.PathLike, image_root: str | os.PathLike | N
     ``image_root`` defaults to the ``image_root`` recorded in ``summary.json`` beside the CSV, else the CSV's
     folder. Paths leaving it are refused unless ``allow_outside_root``.
     """
-    from .catalogue import _resolve_path, read_triplet_csv
-
     csv_path = Path(csv_path)
     if image_root is None:
         summary = csv_path.parent / "summary.json"
@@ -299,54 +297,3 @@ def read_triplets(csv_path: str | os.PathLike, image_root: str | os.PathLike | N
         if len(kinds) != len(rows):
             kinds = None  # stale details file: ignore rather than mislabel
     return rows, kinds
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("catalogue", help="catalogue CSV/JSONL, a folder-per-class tree or the Grocery dataset folder")
-    p.add_argument("--out", required=True, help="output folder for <split>.csv, <split>.details.csv, summary.json")
-    p.add_argument("--root", help="folder relative catalogue paths are resolved against (default: its folder)")
-    p.add_argument("--allow-outside-root", action="store_true", help="accept image paths outside the root")
-    p.add_argument("--splits", help="comma-separated splits to make triplets for (default: all present)")
-    p.add_argument("--per-query", type=int, default=8, help="triplets per query image (default 8)")
-    p.add_argument("--in-class-ratio", type=float, default=0.5,
-                   help="share of non-hard negatives taken from the query's category (default 0.5)")
-    p.add_argument("--hard-ratio", type=float, default=0.0, help="share of hard negatives (needs --checkpoint)")
-    p.add_argument("--hard-pool", type=int, default=10, help="hard negatives come from this many nearest")
-    p.add_argument("--checkpoint", help="trained model checkpoint for hard-negative mining")
-    p.add_argument("--positives", choices=("auto", "shop", "any"), default="auto",
-                   help="auto: street photo -> shop image of the item where one exists (default)")
-    p.add_argument("--negative-domain", choices=("positive", "any"), default="positive",
-                   help="negatives from the positive's domain (default) or any domain")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-singletons", action="store_true",
-                   help="leave out queries whose item has no other image instead of failing")
-    p.add_argument("--no-verify-images", action="store_true", help="do not decode every image first")
-    p.add_argument("--batch-size", type=int, default=64, help="embedding batch size for --checkpoint")
-
-
-def run(args: argparse.Namespace) -> int:
-    items = load_catalogue(args.catalogue, root=args.root, allow_outside_root=args.allow_outside_root)
-    if not args.no_verify_images:
-        items, bad = check_images(items)
-        for msg in bad:
-            print(f"skipped unreadable image: {msg}")
-    options = TripletOptions(per_query=args.per_query, in_class_ratio=args.in_class_ratio,
-                             hard_ratio=args.hard_ratio, hard_pool=args.hard_pool, positives=args.positives,
-                             negative_domain=args.negative_domain, seed=args.seed,
-                             skip_singletons=args.skip_singletons)
-    embeddings = None
-    if args.checkpoint:
-        from ..models import load_checkpoint  # lazy: only hard-negative mining needs a model
-        from .datasets import embed_items
-        embeddings = embed_items(load_checkpoint(args.checkpoint), items, batch_size=args.batch_size)
-    elif options.hard_ratio > 0:
-        raise ValueError("--hard-ratio needs --checkpoint (a trained model to find the nearest wrong items)")
-    splits = args.splits.split(",") if args.splits else None
-    triplets = make_triplets(items, options, splits=splits, embeddings=embeddings)
-    summary = write_triplets(args.out, triplets, items, options=options,
-                             extra={"catalogue": str(args.catalogue), "checkpoint": args.checkpoint})
-    for split, s in summary["splits"].items():
-        print(f"{split}: {s['triplets']} triplets from {s['queries']} queries  {s['by_kind']}")
-    print(f"wrote {args.out}/summary.json")
-    return 0

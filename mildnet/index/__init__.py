@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..errors import UsageError
 from .base import (MAX_K, DuplicateIdError, Hit, Index, IndexFileError, ModelVersionError, UnknownFilterKeyError,
                    check_k, filter_token)
 from .store import FORMAT_VERSION, SUFFIX, read_index_file, read_index_header
@@ -28,16 +29,16 @@ def create_index(dim: int, *, backend: str = "faiss", kind: str = "auto", metric
     ``ef_construction``, ``ef_search``; milvus: ``uri`` (required), ``collection``, ``index_type``,
     ``build_params``, ``search_params``, ``consistency``, ``timeout``)."""
     if backend == "faiss":
-        from .faiss_index import FaissIndex
+        from .faiss_index import FaissIndex  # lazy: faiss, the optional `index` extra
 
         return FaissIndex(dim, model_version=model_version, kind=kind, metric=metric, **params)
     if backend == "milvus":
-        from .milvus_index import MilvusIndex
+        from .milvus_index import MilvusIndex  # lazy: pymilvus, the optional `milvus` extra
 
         if "uri" not in params:
-            raise ValueError("the milvus backend needs uri= (a Milvus server URI or a local milvus-lite file)")
+            raise UsageError("the milvus backend needs uri= (a Milvus server URI or a local milvus-lite file)")
         return MilvusIndex(dim, model_version=model_version, metric=metric, kind=kind, **params)
-    raise ValueError(f"unknown index backend {backend!r} (available: {', '.join(BACKENDS)})")
+    raise UsageError(f"unknown index backend {backend!r} (available: {', '.join(BACKENDS)})")
 
 
 def load_index(path: str | os.PathLike) -> Index:
@@ -48,11 +49,11 @@ def load_index(path: str | os.PathLike) -> Index:
     payload = read_index_file(path)
     backend = payload.header.get("backend")
     if backend == "faiss":
-        from .faiss_index import FaissIndex
+        from .faiss_index import FaissIndex  # lazy: faiss, the optional `index` extra
 
         return FaissIndex.from_payload(payload, source=str(path))
     if backend == "milvus":
-        from .milvus_index import MilvusIndex
+        from .milvus_index import MilvusIndex  # lazy: pymilvus, the optional `milvus` extra
 
         return MilvusIndex.from_payload(payload, source=str(path))
     raise IndexFileError(f"{path}: unknown index backend {backend!r} in file")

@@ -16,6 +16,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..errors import MildnetError, UsageError
+
 METRICS = ("ip",)  # inner product == cosine similarity for the unit-norm embeddings MILDNet produces
 MAX_ID_LENGTH = 512
 # Most results one query may ask for, everywhere (Index.search, the `similar` Triton model, client/query.py).
@@ -24,19 +26,19 @@ MAX_ID_LENGTH = 512
 MAX_K = 10_000
 
 
-class IndexFileError(ValueError):
+class IndexFileError(MildnetError, ValueError):
     """An index file is missing, truncated, corrupted or of an unknown format; never served."""
 
 
-class ModelVersionError(ValueError):
+class ModelVersionError(MildnetError, ValueError):
     """Embeddings of a different model version were about to be mixed into an index."""
 
 
-class UnknownFilterKeyError(ValueError):
+class UnknownFilterKeyError(MildnetError, ValueError):
     """A search filter names a metadata key that no item in the index has."""
 
 
-class DuplicateIdError(ValueError):
+class DuplicateIdError(MildnetError, ValueError):
     """``add`` was given an id that the index (or the same call) already holds."""
 
 
@@ -57,9 +59,9 @@ class Hit:
 def check_k(k: Any) -> int:
     """``k`` as an int if it is a valid number of results (1..MAX_K), else a ValueError saying why."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise UsageError(f"k must be a positive integer, got {k!r}")
     if k > MAX_K:
-        raise ValueError(f"k must be at most {MAX_K} results per query, got {k}")
+        raise UsageError(f"k must be at most {MAX_K} results per query, got {k}")
     return int(k)
 
 
@@ -114,7 +116,7 @@ class Index(abc.ABC):
         if not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"index dim must be a positive integer, got {dim!r}")
         if metric not in METRICS:
-            raise ValueError(f"metric {metric!r} is not supported (supported: {', '.join(METRICS)})")
+            raise UsageError(f"metric {metric!r} is not supported (supported: {', '.join(METRICS)})")
         if not isinstance(model_version, str) or not model_version:
             raise ValueError("an index needs a non-empty model_version (the model that made its embeddings)")
         self.dim = int(dim)
@@ -207,7 +209,7 @@ class Index(abc.ABC):
         present = set(self.present(ids))
         missing = [i for i in ids if i not in present]
         if missing:
-            raise ValueError(f"{len(missing)} id(s) not in the index (e.g. {missing[0]!r})")
+            raise UsageError(f"{len(missing)} id(s) not in the index (e.g. {missing[0]!r})")
         if ids:
             self._remove(ids)
         return len(ids)
@@ -226,7 +228,7 @@ class Index(abc.ABC):
         queries = self._check_vectors(queries, "queries")
         if filter:
             if not isinstance(filter, dict):
-                raise ValueError(f"filter must be a dict of metadata key -> value, got {type(filter).__name__}")
+                raise UsageError(f"filter must be a dict of metadata key -> value, got {type(filter).__name__}")
             unknown = sorted(set(filter) - self.metadata_keys())
             if unknown:
                 known = ", ".join(sorted(self.metadata_keys())) or "none"

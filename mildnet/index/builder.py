@@ -24,7 +24,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..errors import UsageError
 from ..fileio import atomic_write_text
+from ..serving.client import RemoteInferenceError
 from . import IndexFileError, ModelVersionError, create_index, load_index, read_index_header
 
 JOURNAL_FORMAT = "mildnet-index-journal"
@@ -116,8 +118,6 @@ def embed_chunk(embedder, entries: list[tuple[str, Path, dict]], log) -> tuple[l
 
     Server-side failures (down, model not ready) propagate: the run stops, and a rerun resumes.
     """
-    from ..serving.client import RemoteInferenceError  # lazy: only an indexing run needs the server's client
-
     readable, blobs = [], []
     for e in entries:
         try:
@@ -152,10 +152,10 @@ def build_index(entries: list[tuple[str, Path, dict]], out: Path, embedder, *, a
     partial = out.with_name(out.name + ".partial")
     resuming = journal.exists() or partial.exists()
     if out.exists() and not (add or resuming):
-        raise ValueError(f"{out} exists: use --add to add the catalogue's new items to it "
+        raise UsageError(f"{out} exists: use --add to add the catalogue's new items to it "
                          f"(or delete it to rebuild)")
     if add and not out.exists() and not resuming:
-        raise ValueError(f"{out} does not exist: nothing to --add to (build it first, without --add)")
+        raise UsageError(f"{out} does not exist: nothing to --add to (build it first, without --add)")
 
     base_file = partial if partial.exists() else (out if out.exists() else None)
     if base_file is not None:
@@ -231,11 +231,11 @@ def build_index(entries: list[tuple[str, Path, dict]], out: Path, embedder, *, a
 def delete_items(out: Path, ids: Sequence[str]) -> int:
     journal = out.with_name(out.name + ".journal")
     if journal.exists():
-        raise ValueError(f"{out}: an interrupted indexing run is pending ({journal.name}); rerun it first")
+        raise IndexFileError(f"{out}: an interrupted indexing run is pending ({journal.name}); rerun it first")
     index = load_index(out)
     missing = [i for i in ids if i not in index]
     if missing:
-        raise ValueError(f"{out}: {len(missing)} id(s) not in the index: {', '.join(missing[:5])}")
+        raise UsageError(f"{out}: {len(missing)} id(s) not in the index: {', '.join(missing[:5])}")
     n = index.remove(ids)
     index.save(out)
     return n

@@ -16,7 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import IndexFileError
+from ..serving import client as remote
+from ..data.catalogue import index_entries  # the one reader of catalogues: rows -> (id, path, metadata)
+from ..errors import MildnetError, UsageError
 from .builder import build_index, delete_items
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SERVER = 0, 1, 2, 3
@@ -50,11 +52,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def check_args(args: argparse.Namespace) -> None:
     """The rules between arguments (argparse checks each alone); ValueError names the broken one."""
     if args.delete is None and not args.catalogue:
-        raise ValueError("a CATALOGUE is needed (or --delete ID ...)")
+        raise UsageError("a CATALOGUE is needed (or --delete ID ...)")
     if args.backend == "milvus" and not args.milvus_uri:
-        raise ValueError("--backend milvus needs --milvus-uri")
+        raise UsageError("--backend milvus needs --milvus-uri")
     if min(args.chunk, args.checkpoint_every, args.concurrency) < 1:
-        raise ValueError("--chunk, --concurrency and --checkpoint-every must be >= 1")
+        raise UsageError("--chunk, --concurrency and --checkpoint-every must be >= 1")
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -63,18 +65,15 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     args = p.parse_args(argv)
     try:
         check_args(args)
-    except ValueError as e:
+    except UsageError as e:
         p.error(str(e))
     return args
 
 
 def run(args: argparse.Namespace, prog: str = "mildnet index") -> int:
-    from ..serving import client as remote
-    from ..data.catalogue import index_entries  # the one reader of catalogues: rows -> (id, path, metadata)
-
     try:
         check_args(args)
-    except ValueError as e:
+    except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     urls = args.urls or (["localhost:8001"] if args.protocol == "grpc" else ["localhost:8000"])
@@ -95,7 +94,8 @@ def run(args: argparse.Namespace, prog: str = "mildnet index") -> int:
         print(f"{prog}: server problem: {e}\n(progress so far is kept; rerun the same command to resume)",
               file=sys.stderr)
         return EXIT_SERVER
-    except (ValueError, RuntimeError, FileNotFoundError, IndexFileError) as e:
+    # Ours, and a file that cannot be read or written; anything else is a bug and raises with its traceback.
+    except (MildnetError, remote.RemoteInferenceError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

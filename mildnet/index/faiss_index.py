@@ -28,6 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from ..errors import UsageError
 from .base import Hit, Index, IndexFileError, exact_topk, filter_token
 from .store import IndexPayload, write_index_file
 
@@ -60,7 +61,7 @@ _TOMBSTONE_REBUILD_FRACTION = 0.25
 
 def _check_param(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"faiss index parameter {name} must be a positive integer, got {value!r}")
+        raise UsageError(f"faiss index parameter {name} must be a positive integer, got {value!r}")
 
 
 class FaissIndex(Index):
@@ -72,10 +73,10 @@ class FaissIndex(Index):
                  **params: Any) -> None:
         super().__init__(dim, model_version=model_version, metric=metric)
         if kind not in KINDS:
-            raise ValueError(f"faiss index kind {kind!r} is not one of {KINDS}")
+            raise UsageError(f"faiss index kind {kind!r} is not one of {KINDS}")
         unknown = set(params) - set(DEFAULT_PARAMS)
         if unknown:
-            raise ValueError(f"unknown faiss index parameter(s) {sorted(unknown)} "
+            raise UsageError(f"unknown faiss index parameter(s) {sorted(unknown)} "
                              f"(known: {', '.join(DEFAULT_PARAMS)})")
         self.params = {**DEFAULT_PARAMS, **params}
         for name, value in self.params.items():

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import MildnetError, UsageError
 from .base import Hit, Index, IndexFileError, ModelVersionError
 from .store import IndexPayload, write_index_file
 
@@ -55,7 +56,7 @@ def _client(uri: str, timeout: float | None):
         raise RuntimeError(f"cannot open Milvus at {uri!r}: {str(e)[:300]}") from None
 
 
-class MilvusUnavailableError(RuntimeError):
+class MilvusUnavailableError(MildnetError, RuntimeError):
     """The Milvus server did not answer (down, restarting, unreachable): retry once it is back. A write that
     raised this may or may not have been applied; one that returned was acknowledged and is kept."""
 
@@ -93,7 +94,7 @@ def _literal(value: Any) -> str:
     """A Milvus expression literal for a filter value (JSON quoting matches Milvus' string escapes)."""
     if isinstance(value, bool) or isinstance(value, (int, float, str)):
         return json.dumps(value, ensure_ascii=False)
-    raise ValueError(f"filter values must be strings, numbers or booleans for Milvus, got {type(value).__name__}")
+    raise UsageError(f"filter values must be strings, numbers or booleans for Milvus, got {type(value).__name__}")
 
 
 class MilvusIndex(Index):
@@ -107,11 +108,11 @@ class MilvusIndex(Index):
                  consistency: str = "Session", timeout: float | None = 30.0) -> None:
         super().__init__(dim, model_version=model_version, metric=metric)
         if consistency not in CONSISTENCY_LEVELS:
-            raise ValueError(f"Milvus consistency {consistency!r} is not one of {CONSISTENCY_LEVELS}")
+            raise UsageError(f"Milvus consistency {consistency!r} is not one of {CONSISTENCY_LEVELS}")
         if not _NAME.match(collection):
-            raise ValueError(f"Milvus collection name {collection!r} must be letters, digits and _")
+            raise UsageError(f"Milvus collection name {collection!r} must be letters, digits and _")
         if index_type not in INDEX_TYPES:
-            raise ValueError(f"Milvus index_type {index_type!r} is not one of {INDEX_TYPES}")
+            raise UsageError(f"Milvus index_type {index_type!r} is not one of {INDEX_TYPES}")
         if _is_local(uri):
             uri = str(Path(uri).resolve())
         self.uri, self.collection, self.index_type, self.kind = uri, collection, index_type, kind
@@ -126,7 +127,7 @@ class MilvusIndex(Index):
                 raise ModelVersionError(f"Milvus collection {collection!r} at {uri} holds embeddings of model "
                                         f"version {props.get(_MV_KEY)!r}, not {model_version!r}")
             if int(props.get(_DIM_KEY, -1)) != self.dim:
-                raise ValueError(f"Milvus collection {collection!r} has dim {props.get(_DIM_KEY)}, not {self.dim}")
+                raise IndexFileError(f"Milvus collection {collection!r} has dim {props.get(_DIM_KEY)}, not {self.dim}")
             self._keys = set(json.loads(props.get(_KEYS_KEY, "[]")))
             self._c.load_collection(collection)  # a reopened collection starts out released
         else:

@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+from ..errors import MildnetError, UsageError
+
 MILVUS_GRPC_PORT = 19530  # inside the namespace: every port there is free, so the defaults are used
 PORT_FILE = "mildnet-forward.port"  # the forwarder writes the host port it listens on here, once listening
 LOG_FILE = "mildnet-forward.log"
@@ -41,7 +43,7 @@ _CLONE_NEWNET, _CLONE_NEWUSER = 0x40000000, 0x10000000
 _COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord", "dataNode")
 
 
-class MilvusServerError(RuntimeError):
+class MilvusServerError(MildnetError, RuntimeError):
     """The Milvus server could not be started, did not become ready, or is not installed."""
 
 
@@ -56,7 +58,7 @@ class MilvusServer:
 
     def __init__(self, data_dir: str | os.PathLike, port: int = 0, *, remove_data: bool = False) -> None:
         if not 0 <= int(port) < 65536:
-            raise ValueError(f"port must be 0..65535, got {port}")
+            raise UsageError(f"port must be 0..65535, got {port}")
         self.data_dir = Path(data_dir).resolve()
         self.port = int(port)
         self.remove_data = remove_data

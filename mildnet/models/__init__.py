@@ -19,6 +19,7 @@ Preprocessing choices (each model's ``spec`` is the only place they live):
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,7 +27,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import weights
 from ..checkpoint import CheckpointError, read_checkpoint
+from ..errors import MildnetError, UsageError
 from ..spec import IMAGENET, INCEPTION, PreprocessSpec
 from .baselines import MultiScaleRanking
 from .effnet import EfficientNetLite0
@@ -34,24 +37,31 @@ from .head import MILDNet, ModelInputError, ZooModel
 from .mobilenet import MobileNetV1
 from .vgg import VGGTaps
 
-__all__ = ["create", "list_models", "load_checkpoint", "model_info", "UnknownModelError", "ModelInputError",
-           "ZooModel", "MILDNet", "PretrainedWeightsError"]
+__all__ = ["create", "list_models", "load_checkpoint", "model_info", "register_model", "UnknownModelError",
+           "ModelInputError", "ZooModel", "MILDNet", "PretrainedWeightsError"]
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(MildnetError, ValueError):
     """No model of that name is registered; the message suggests close names."""
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(MildnetError, RuntimeError):
     """Pretrained weights could not be had (offline VGG without ``weights_path``, a bad weights file, ...)."""
 
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """A registered model: its builder and its default config."""
+
     name: str
-    build: Callable[..., ZooModel]
+    fn: Callable[..., ZooModel]  # fn(entry, pretrained=False, **kw): the decorated function
     description: str
+    spec: PreprocessSpec  # default preprocessing (``input_size=`` overrides the size)
+    lr: float = 1e-3  # the paper's SGD learning rate for the triplet recipe (mildnet.train)
     paper: bool = False  # one of the paper's own models (MILDNet variants and baselines)
+
+    def build(self, pretrained: bool = False, **kw: Any) -> ZooModel:
+        return self.fn(self, pretrained=pretrained, **kw)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -59,18 +69,26 @@ _REGISTRY: dict[str, ModelEntry] = {}
 VGG_TAPS = ("block1_pool", "block2_pool", "block3_pool", "block4_pool", "last")
 MOBILE_TAPS = ("conv_dw_1", "conv_dw_2", "conv_dw_4", "conv_dw_6", "conv_dw_12", "last")
 EFFNET_TAPS = ("stage1", "stage2", "stage3", "stage5", "stage7", "last")
-# Ablations: drop the block1 / block1-2 / block1-3 taps, or keep the last map only.
-ABLATIONS = {"": 0, "_skip1": 1, "_skip2": 2, "_skip3": 3, "_noskip": None}
 
 VGG_SPEC = IMAGENET.replace(resize_mode="squash")
 MOBILE_SPEC = INCEPTION.replace(resize_mode="squash")
 EFFNET_SPEC = INCEPTION.replace(resize_mode="squash")
 
 
-def _register(name: str, description: str, paper: bool = False):
+def register_model(description: str, *, spec: PreprocessSpec, lr: float = 1e-3, paper: bool = False):
+    """Register the decorated ``fn(entry, pretrained=False, **kw)`` under its own name (as timm does), with its
+    default config. The name stays callable: ``mildnet_mobile(pretrained=True)`` is ``create("mildnet_mobile",
+    pretrained=True)``."""
     def deco(fn: Callable[..., ZooModel]) -> Callable[..., ZooModel]:
-        _REGISTRY[name] = ModelEntry(name, fn, description, paper)
-        return fn
+        if fn.__name__ in _REGISTRY:
+            raise ValueError(f"model {fn.__name__!r} is registered twice")
+        entry = ModelEntry(fn.__name__, fn, description, spec, lr, paper)
+        _REGISTRY[entry.name] = entry
+
+        @functools.wraps(fn)
+        def create_this(pretrained: bool = False, **kw: Any) -> ZooModel:
+            return entry.build(pretrained, **kw)
+        return create_this
     return deco
 
 
@@ -99,7 +117,7 @@ def create(name: str, pretrained: bool = False, **kw: Any) -> ZooModel:
         return entry.build(pretrained=pretrained, **kw)
     except TypeError as e:  # unknown/mistyped keyword: say so plainly
         if "unexpected keyword" in str(e) or "positional argument" in str(e):
-            raise ValueError(f"{name}: bad arguments ({e})") from None
+            raise UsageError(f"{name}: bad arguments ({e})") from None
         raise
 
 
@@ -117,11 +135,6 @@ def _kwargs(input_size: int | None, **more: Any) -> dict[str, Any]:
     if input_size is not None:
         kw["input_size"] = input_size
     return kw
-
-
-def _ablated(taps: tuple[str, ...], suffix: str) -> tuple[str, ...]:
-    drop = ABLATIONS[suffix]
-    return ("last",) if drop is None else taps[drop:]
 
 
 # -- VGG ------------------------------------------------------------------------------------------------------
@@ -158,98 +171,146 @@ def _load_vgg_weights(backbone: VGGTaps, weights_path: str | os.PathLike | None)
         raise PretrainedWeightsError(f"{source}: not VGG{backbone.depth} conv weights ({str(e)[:300]})") from None
 
 
-def _vgg(depth: int, taps: tuple[str, ...], head_dim: int, default_dropout: float, frozen: int, variant: str):
-    def build(pretrained: bool = False, input_size: int | None = None,
-              weights_path: str | os.PathLike | None = None, dropout: float = default_dropout) -> ZooModel:
-        backbone = VGGTaps(depth)
-        if pretrained or weights_path is not None:
-            _load_vgg_weights(backbone, weights_path)
-        return MILDNet(backbone, taps, head_dim, dropout, variant=variant, spec=_spec(VGG_SPEC, input_size),
-                       model_kwargs=_kwargs(input_size, dropout=None if dropout == default_dropout else dropout),
-                       frozen_units=frozen)
-    return build
+def _vgg(entry: ModelEntry, depth: int, taps: tuple[str, ...], head_dim: int, default_dropout: float, frozen: int,
+         pretrained: bool = False, input_size: int | None = None, weights_path: str | os.PathLike | None = None,
+         dropout: float | None = None) -> ZooModel:
+    """A MILDNet on VGG``depth``; ``frozen`` convs stay frozen (VGG16: conv1_1..conv3_3, 7 convs, torchvision
+    features[:16]; VGG19 the same blocks, 8 convs)."""
+    dropout = default_dropout if dropout is None else dropout
+    backbone = VGGTaps(depth)
+    if pretrained or weights_path is not None:
+        _load_vgg_weights(backbone, weights_path)
+    return MILDNet(backbone, taps, head_dim, dropout, variant=entry.name, spec=_spec(entry.spec, input_size),
+                   model_kwargs=_kwargs(input_size, dropout=None if dropout == default_dropout else dropout),
+                   frozen_units=frozen)
 
 
-# MILDNet-VGG16 freezes conv1_1..conv3_3 (7 convs, torchvision features[:16]); VGG19 the same blocks (8 convs).
-_VGG_ABLATION = {"": ": 5 pool taps, 1472-d concat, Dense 2048-Dropout 0.6-Dense 2048",
-                 "_skip1": " ablation: without the block1 tap", "_skip2": " ablation: without the block1-2 taps",
-                 "_skip3": " ablation: without the block1-3 taps", "_noskip": " ablation: last layer only"}
-_MOBILE_ABLATION = {"": ": MobileNet-v1, taps conv_dw_1/2/4/6/12 + last, Dense 1024-Dropout 0.5-Dense 1024",
-                    "_skip1": " ablation: without the conv_dw_1 tap",
-                    "_skip2": " ablation: without the conv_dw_1/2 taps",
-                    "_skip3": " ablation: without the conv_dw_1/2/4 taps",
-                    "_noskip": " ablation: last layer only (what the official code effectively trained)"}
-for _suffix in ABLATIONS:
-    _register(f"mildnet_vgg16{_suffix}", "MILDNet-VGG16" + _VGG_ABLATION[_suffix], paper=True)(
-        _vgg(16, _ablated(VGG_TAPS, _suffix), 2048, 0.6, 7, f"mildnet_vgg16{_suffix}"))
-_register("mildnet_vgg19", "MILDNet-VGG19: the same recipe on VGG19", paper=True)(
-    _vgg(19, VGG_TAPS, 2048, 0.6, 8, "mildnet_vgg19"))
-_register("mildnet_512", "MILDNet-512: VGG16 taps, Dense 512-Dense 512 (compact features)", paper=True)(
-    _vgg(16, VGG_TAPS, 512, 0.0, 7, "mildnet_512"))
+@register_model("MILDNet-VGG16: 5 pool taps, 1472-d concat, Dense 2048-Dropout 0.6-Dense 2048",
+                spec=VGG_SPEC, paper=True)
+def mildnet_vgg16(entry, pretrained=False, **kw):
+    return _vgg(entry, 16, VGG_TAPS, 2048, 0.6, 7, pretrained, **kw)
+
+
+@register_model("MILDNet-VGG16 ablation: without the block1 tap", spec=VGG_SPEC, paper=True)
+def mildnet_vgg16_skip1(entry, pretrained=False, **kw):
+    return _vgg(entry, 16, VGG_TAPS[1:], 2048, 0.6, 7, pretrained, **kw)
+
+
+@register_model("MILDNet-VGG16 ablation: without the block1-2 taps", spec=VGG_SPEC, paper=True)
+def mildnet_vgg16_skip2(entry, pretrained=False, **kw):
+    return _vgg(entry, 16, VGG_TAPS[2:], 2048, 0.6, 7, pretrained, **kw)
+
+
+@register_model("MILDNet-VGG16 ablation: without the block1-3 taps", spec=VGG_SPEC, paper=True)
+def mildnet_vgg16_skip3(entry, pretrained=False, **kw):
+    return _vgg(entry, 16, VGG_TAPS[3:], 2048, 0.6, 7, pretrained, **kw)
+
+
+@register_model("MILDNet-VGG16 ablation: last layer only", spec=VGG_SPEC, paper=True)
+def mildnet_vgg16_noskip(entry, pretrained=False, **kw):
+    return _vgg(entry, 16, ("last",), 2048, 0.6, 7, pretrained, **kw)
+
+
+@register_model("MILDNet-VGG19: the same recipe on VGG19", spec=VGG_SPEC, paper=True)
+def mildnet_vgg19(entry, pretrained=False, **kw):
+    return _vgg(entry, 19, VGG_TAPS, 2048, 0.6, 8, pretrained, **kw)
+
+
+@register_model("MILDNet-512: VGG16 taps, Dense 512-Dense 512 (compact features)", spec=VGG_SPEC, lr=1e-4,
+                paper=True)
+def mildnet_512(entry, pretrained=False, **kw):
+    return _vgg(entry, 16, VGG_TAPS, 512, 0.0, 7, pretrained, **kw)
 
 
 # -- MobileNet-v1 and EfficientNet-Lite0 -----------------------------------------------------------------------
 def _pretrained_backbone(backbone: nn.Module, name: str) -> None:
-    from .. import weights  # lazy: the converter is only needed for pretrained=True
     sd = weights.load_state_dict(name)
     sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
-    backbone.load_state_dict(sd, strict=True)
+    try:
+        backbone.load_state_dict(sd, strict=True)
+    except RuntimeError as e:  # the converter and the net disagree: name both
+        raise PretrainedWeightsError(f"{name} weights do not fit {type(backbone).__name__}: {str(e)[:300]}") from None
 
 
-def _light(backbone_cls: type, weights_name: str, spec, taps: tuple[str, ...], variant: str,
-           head_dim: int | None = 1024, frozen: int = 4):
+def _light(entry: ModelEntry, backbone_cls: type, weights_name: str, taps: tuple[str, ...],
+           head_dim: int | None = 1024, frozen: int = 4, pretrained: bool = False, input_size: int | None = None,
+           dropout: float = 0.5, tap_norm: bool = False, final_relu: bool = True, residual: bool = False) -> ZooModel:
     """MobileNet-v1 / EfficientNet-Lite0 models. frozen=4: the stem and the units at stride <= 4, the analogue
-    of VGG's conv1-conv3. head_dim=None: a zero-shot backbone (last map pooled, no head), entirely frozen."""
-    def build(pretrained: bool = False, input_size: int | None = None, dropout: float = 0.5,
-              tap_norm: bool = False, final_relu: bool = True, residual: bool = False) -> ZooModel:
-        backbone = backbone_cls()
-        if pretrained:
-            _pretrained_backbone(backbone, weights_name)
-        n = len(backbone.units()) if head_dim is None else frozen
-        return MILDNet(backbone, taps, head_dim, dropout, variant=variant, spec=_spec(spec, input_size),
-                       model_kwargs=_kwargs(input_size, dropout=None if dropout == 0.5 else dropout,
-                                            tap_norm=tap_norm or None, final_relu=None if final_relu else False,
-                                            residual=residual or None),
-                       frozen_units=n, tap_norm=tap_norm, final_relu=final_relu, residual=residual)
-    return build
+    of VGG's conv1-conv3. head_dim=None: a zero-shot backbone (last map pooled, no head), entirely frozen.
+    residual: a :class:`ResidualHead` instead of the dense head (the default training recipe's)."""
+    backbone = backbone_cls()
+    if pretrained:
+        _pretrained_backbone(backbone, weights_name)
+    n = len(backbone.units()) if head_dim is None else frozen
+    return MILDNet(backbone, taps, head_dim, dropout, variant=entry.name, spec=_spec(entry.spec, input_size),
+                   model_kwargs=_kwargs(input_size, dropout=None if dropout == 0.5 else dropout,
+                                        tap_norm=tap_norm or None, final_relu=None if final_relu else False,
+                                        residual=residual or None),
+                   frozen_units=n, tap_norm=tap_norm, final_relu=final_relu, residual=residual)
 
 
-def _mobile(taps: tuple[str, ...], variant: str, head_dim: int | None = 1024):
-    return _light(MobileNetV1, "mobilenet_v1", MOBILE_SPEC, taps, variant, head_dim)
+@register_model("MILDNet-Mobile: MobileNet-v1, taps conv_dw_1/2/4/6/12 + last, Dense 1024-Dropout 0.5-Dense 1024",
+                spec=MOBILE_SPEC, paper=True)
+def mildnet_mobile(entry, pretrained=False, **kw):
+    return _light(entry, MobileNetV1, "mobilenet_v1", MOBILE_TAPS, pretrained=pretrained, **kw)
 
 
-def _effnet(taps: tuple[str, ...], variant: str, head_dim: int | None = 1024):
-    return _light(EfficientNetLite0, "effnet_lite0", EFFNET_SPEC, taps, variant, head_dim)
+@register_model("MILDNet-Mobile ablation: without the conv_dw_1 tap", spec=MOBILE_SPEC, paper=True)
+def mildnet_mobile_skip1(entry, pretrained=False, **kw):
+    return _light(entry, MobileNetV1, "mobilenet_v1", MOBILE_TAPS[1:], pretrained=pretrained, **kw)
 
 
-for _suffix in ABLATIONS:
-    _register(f"mildnet_mobile{_suffix}", "MILDNet-Mobile" + _MOBILE_ABLATION[_suffix], paper=True)(
-        _mobile(_ablated(MOBILE_TAPS, _suffix), f"mildnet_mobile{_suffix}"))
-_register("mobilenet_v1_gap", "zero-shot: ImageNet MobileNet-v1, last map GAP + L2 (1024-d), no head")(
-    _mobile(("last",), "mobilenet_v1_gap", head_dim=None))
+@register_model("MILDNet-Mobile ablation: without the conv_dw_1/2 taps", spec=MOBILE_SPEC, paper=True)
+def mildnet_mobile_skip2(entry, pretrained=False, **kw):
+    return _light(entry, MobileNetV1, "mobilenet_v1", MOBILE_TAPS[2:], pretrained=pretrained, **kw)
 
-_register("mildnet_effnet_lite0", "ours: EfficientNet-Lite0, taps at stages 1/2/3/5/7 + head map, "
-          "Dense 1024-Dropout 0.5-Dense 1024")(_effnet(EFFNET_TAPS, "mildnet_effnet_lite0"))
-_register("effnet_lite0_gap", "zero-shot: ImageNet EfficientNet-Lite0, head map GAP + L2 (1280-d), no head")(
-    _effnet(("last",), "effnet_lite0_gap", head_dim=None))
+
+@register_model("MILDNet-Mobile ablation: without the conv_dw_1/2/4 taps", spec=MOBILE_SPEC, paper=True)
+def mildnet_mobile_skip3(entry, pretrained=False, **kw):
+    return _light(entry, MobileNetV1, "mobilenet_v1", MOBILE_TAPS[3:], pretrained=pretrained, **kw)
+
+
+@register_model("MILDNet-Mobile ablation: last layer only (what the official code effectively trained)",
+                spec=MOBILE_SPEC, paper=True)
+def mildnet_mobile_noskip(entry, pretrained=False, **kw):
+    return _light(entry, MobileNetV1, "mobilenet_v1", ("last",), pretrained=pretrained, **kw)
+
+
+@register_model("zero-shot: ImageNet MobileNet-v1, last map GAP + L2 (1024-d), no head", spec=MOBILE_SPEC)
+def mobilenet_v1_gap(entry, pretrained=False, **kw):
+    return _light(entry, MobileNetV1, "mobilenet_v1", ("last",), head_dim=None, pretrained=pretrained, **kw)
+
+
+@register_model("ours: EfficientNet-Lite0, taps at stages 1/2/3/5/7 + head map, Dense 1024-Dropout 0.5-Dense 1024",
+                spec=EFFNET_SPEC)
+def mildnet_effnet_lite0(entry, pretrained=False, **kw):
+    return _light(entry, EfficientNetLite0, "effnet_lite0", EFFNET_TAPS, pretrained=pretrained, **kw)
+
+
+@register_model("zero-shot: ImageNet EfficientNet-Lite0, head map GAP + L2 (1280-d), no head", spec=EFFNET_SPEC)
+def effnet_lite0_gap(entry, pretrained=False, **kw):
+    return _light(entry, EfficientNetLite0, "effnet_lite0", ("last",), head_dim=None, pretrained=pretrained, **kw)
 
 
 # -- baselines ------------------------------------------------------------------------------------------------
-def _multiscale(style: str, variant: str):
-    def build(pretrained: bool = False, input_size: int | None = None,
-              weights_path: str | os.PathLike | None = None) -> ZooModel:
-        model = MultiScaleRanking(style, variant=variant, spec=_spec(VGG_SPEC, input_size),
-                                  model_kwargs=_kwargs(input_size))
-        if pretrained or weights_path is not None:
-            _load_vgg_weights(model.backbone, weights_path)
-        return model
-    return build
+def _multiscale(entry: ModelEntry, style: str, pretrained: bool = False, input_size: int | None = None,
+                weights_path: str | os.PathLike | None = None) -> ZooModel:
+    model = MultiScaleRanking(style, variant=entry.name, spec=_spec(entry.spec, input_size),
+                              model_kwargs=_kwargs(input_size))
+    if pretrained or weights_path is not None:
+        _load_vgg_weights(model.backbone, weights_path)
+    return model
 
 
-_register("visnet", "baseline VisNet (Flipkart): VGG16 + two shallow branches, 4096-d", paper=True)(
-    _multiscale("visnet", "visnet"))
-_register("ranknet", "baseline RankNet / multi-scale Deep Ranking: VGG19 + two shallow branches, 4096-d",
-          paper=True)(_multiscale("ranknet", "ranknet"))
+@register_model("baseline VisNet (Flipkart): VGG16 + two shallow branches, 4096-d", spec=VGG_SPEC, paper=True)
+def visnet(entry, pretrained=False, **kw):
+    return _multiscale(entry, "visnet", pretrained, **kw)
+
+
+@register_model("baseline RankNet / multi-scale Deep Ranking: VGG19 + two shallow branches, 4096-d",
+                spec=VGG_SPEC, paper=True)
+def ranknet(entry, pretrained=False, **kw):
+    return _multiscale(entry, "ranknet", pretrained, **kw)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------

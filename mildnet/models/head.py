@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import MildnetError, UsageError
 from ..ops import gap_concat
 from ..spec import PreprocessSpec
 
 
-class ModelInputError(ValueError):
+class ModelInputError(MildnetError, ValueError):
     """A tensor given to a model has the wrong shape or size; the message says what was expected."""
 
 
@@ -156,7 +157,7 @@ class MILDNet(ZooModel):
         super().__init__()
         unknown = [t for t in taps if t not in backbone.tap_channels]
         if unknown or not taps or taps[-1] != "last":
-            raise ValueError(f"{variant}: taps {taps} must be names from {list(backbone.tap_channels)} ending "
+            raise UsageError(f"{variant}: taps {taps} must be names from {list(backbone.tap_channels)} ending "
                              "with 'last'")
         self.backbone, self.taps, self.tap_norm = backbone, tuple(taps), tap_norm
         self.min_input_size = backbone.min_input_size

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from ..errors import MildnetError
 from ..imageio import ImageDecodeError, decode_image
 from ..index import IndexFileError
 from ..serving.client import ModelNotReady, RemoteInferenceError, ServerUnavailable, TritonEmbedder
@@ -63,7 +64,7 @@ class UIConfig:
     extra: dict = field(default_factory=dict)
 
 
-class PageError(Exception):
+class PageError(MildnetError):
     """An error the page shows as it is: HTTP status, kind and a message for a person."""
 
     def __init__(self, status: int, kind: str, message: str):

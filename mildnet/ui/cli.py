@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+from ..errors import UsageError
 from ..serving.contract import INDEX_ENV, default_index_path
 from .server import DEFAULT_HOST, DEFAULT_PORT
 
@@ -14,7 +15,7 @@ DEFAULT_INDEX = default_index_path("model_repository")
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    from .app import MAX_UPLOAD_BYTES
+    from .app import MAX_UPLOAD_BYTES  # lazy: app needs starlette (the optional `ui` extra)
 
     p.add_argument("--url", action="append", dest="urls", help="Triton URL; repeat for replicas "
                    "(default localhost:8000, or localhost:8001 with --protocol grpc)")
@@ -32,15 +33,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .app import MAX_PAGE_K, UIConfig, create_app
-    from .server import PageServer
+    from .app import MAX_PAGE_K, UIConfig, create_app  # lazy: starlette and uvicorn are the optional `ui` extra
+    from .server import PageServer  # lazy: uvicorn, the same extra
 
     if not 1 <= args.k <= MAX_PAGE_K:
-        raise ValueError(f"--k must be between 1 and {MAX_PAGE_K}")
+        raise UsageError(f"--k must be between 1 and {MAX_PAGE_K}")
     if args.max_upload_mb <= 0:
-        raise ValueError("--max-upload-mb must be positive")
+        raise UsageError("--max-upload-mb must be positive")
     if args.catalogue_root is not None and not args.catalogue_root.is_dir():
-        raise FileNotFoundError(f"--catalogue-root {args.catalogue_root} is not a folder")
+        raise UsageError(f"--catalogue-root {args.catalogue_root} is not a folder")
     urls = args.urls or (["localhost:8001"] if args.protocol == "grpc" else ["localhost:8000"])
     config = UIConfig(urls=urls, index=args.index, protocol=args.protocol, catalogue_root=args.catalogue_root,
                       max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k)

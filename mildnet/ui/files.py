@@ -13,13 +13,14 @@ from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 
 from ..data.catalogue import IMAGE_EXTENSIONS
+from ..errors import MildnetError
 from ..imageio import MAX_BYTES, ImageDecodeError, decode_image
 
 THUMB_PX = 256
 THUMB_CACHE_ITEMS = 4096  # ~15 KB each: about 60 MB at most
 
 
-class NotInCatalogue(LookupError):
+class NotInCatalogue(MildnetError, LookupError):
     """The path names no image file inside the catalogue root (or tries to leave it)."""
 
 

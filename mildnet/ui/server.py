@@ -20,7 +20,7 @@ class PageServer:
     """uvicorn serving ``app`` on a background thread; a context manager. Port 0 picks a free one."""
 
     def __init__(self, app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "warning"):
-        import uvicorn
+        import uvicorn  # lazy: the optional `ui` extra
 
         self.host = host
         self.port = port or _free_port(host)

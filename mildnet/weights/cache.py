@@ -12,11 +12,12 @@ from typing import Any
 import torch
 
 from ..checkpoint import atomic_torch_save
+from ..errors import MildnetError
 
 FORMAT = "mildnet-weights"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(MildnetError, RuntimeError):
     """Pretrained weights could not be fetched, verified, converted or loaded; the message says why."""
 
 

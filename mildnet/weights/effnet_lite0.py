@@ -49,7 +49,7 @@ def _read_original() -> tuple[dict[str, torch.Tensor], str]:
 
 
 def convert(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """EfficientNet-PyTorch keys -> ``EfficientNetLite0(num_classes=1000)`` keys (checked strictly)."""
+    """EfficientNet-PyTorch keys -> ``EfficientNetLite0(num_classes=1000)`` keys."""
     sd = {}
     for key, value in original.items():
         m = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
@@ -61,11 +61,8 @@ def convert(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 raise WeightsError(f"unexpected key {key!r}: not an EfficientNet-Lite0 state dict")
             new = f"{_TOP[head]}.{rest}"
         sd[new] = value
-    from ..models.effnet import EfficientNetLite0
-    try:
-        EfficientNetLite0(num_classes=1000).load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise WeightsError(f"converted tensors do not fit EfficientNetLite0: {str(e)[:300]}") from None
+    # Whether the tensors fit the net is checked where the net is known (mildnet.models, strict load; and
+    # tests/test_weights.py loads the whole classifier): weights knows no model.
     return sd
 
 

@@ -17,8 +17,10 @@ from typing import Iterator
 
 import numpy as np
 
+from ..errors import MildnetError
 
-class GraphDefError(ValueError):
+
+class GraphDefError(MildnetError, ValueError):
     """The bytes are not a well-formed GraphDef (or hold a tensor we cannot read)."""
 
 

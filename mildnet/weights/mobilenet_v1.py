@@ -86,14 +86,9 @@ def convert_graph(data: bytes) -> dict[str, torch.Tensor]:
         conv_bn(f"Conv2d_{k}_pointwise", f"blocks.{k - 1}.pw")
     sd["classifier.weight"] = get("Logits/Conv2d_1c_1x1/weights").permute(3, 2, 0, 1)
     sd["classifier.bias"] = get("Logits/Conv2d_1c_1x1/biases")
-    sd = {k: v.contiguous() for k, v in sd.items()}
-
-    from ..models.mobilenet import MobileNetV1  # the shapes must fit our net exactly
-    try:
-        MobileNetV1(num_classes=1001).load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise WeightsError(f"converted tensors do not fit MobileNetV1: {str(e)[:300]}") from None
-    return sd
+    # Whether the tensors fit the net is checked where the net is known (mildnet.models, strict load; and
+    # tests/test_weights.py loads the whole classifier): weights knows no model.
+    return {k: v.contiguous() for k, v in sd.items()}
 
 
 def fetch(force: bool = False, quiet: bool = False) -> Path:
