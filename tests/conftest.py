@@ -38,6 +38,13 @@ SERVED_INPUT_SIZE = 96
 SERVED_SEED = 0
 
 
+def served_config():
+    """The ServingConfig the session's repository is exported with (a test re-renders a copy with it)."""
+    from mildnet.serving.repository import ServingConfig
+
+    return ServingConfig(max_batch_size=16, max_queue_delay_us=5000)
+
+
 @pytest.fixture(scope="session")
 def served_repository(tmp_path_factory):
     """(repository path, in-process model, its mildnet.serving.contract.ServedModel): the exported model and the
@@ -46,12 +53,11 @@ def served_repository(tmp_path_factory):
 
     from mildnet import models
     from mildnet.export import export_model
-    from mildnet.serving.repository import ServingConfig
 
     repo = tmp_path_factory.mktemp("triton") / "model_repository"
     torch.manual_seed(SERVED_SEED)
     model = models.create(SERVED_VARIANT, pretrained=False, input_size=SERVED_INPUT_SIZE).eval()
-    result = export_model(model, repo, ServingConfig(max_batch_size=16, max_queue_delay_us=5000))
+    result = export_model(model, repo, served_config())
     served = models.load_checkpoint(result.version_dir / "model.pt").eval()
     return repo, served, result.served
 

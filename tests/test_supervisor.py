@@ -165,15 +165,21 @@ def test_serve_comes_back_after_kill_and_one_request_crashes(served_repository, 
                                                              tmp_path):
     import shutil
 
+    from conftest import served_config
     from mildnet.serving.client import TritonEmbedder
+    from mildnet.serving.contract import EMBEDDING_MODEL
+    from mildnet.serving.repository import render_model_config, render_pipeline
 
     # A copy holding only the version the session's index was built with (other tests export newer versions)
     session_repo, _, info = served_repository
     repo = tmp_path / "model_repository"
     shutil.copytree(session_repo, repo)
-    for version in (repo / "mildnet").iterdir():
+    for version in (repo / EMBEDDING_MODEL).iterdir():
         if version.is_dir() and version.name.isdigit() and int(version.name) != info.version:
             shutil.rmtree(version)
+    # every config follows the kept version again (the last export rendered them for the newest one)
+    render_model_config(repo, served_config(), info)
+    render_pipeline(repo, served_config(), info)
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     out = open(tmp_path / "serve.out", "wb")
     serve = subprocess.Popen([sys.executable, "-m", "mildnet", "serve", "--repository", str(repo),
