@@ -241,6 +241,21 @@ STUDY_COLUMNS = (("dev_unseen", "photo_to_photo_mAP"), ("dev_unseen", "photo_to_
                  ("dev_seen", "photo_to_catalogue_recall@1"))
 
 
+def serving_method(data: dict) -> str:
+    st = data["settings"]
+    if st.get("method") != "pinned":
+        return ("Unpinned: the server, the load generator and the in-process baseline shared every core, so "
+                "the load generator's work is counted against the server.")
+    cores = lambda cpus: ("core " if len(cpus) == 1 else "cores ") + ", ".join(map(str, cpus))  # noqa: E731
+    points = [r for m in data["models"].values() for r in m["triton"]]
+    busy = max(r["client_cores_busy"] for r in points)
+    cost = max(r["client_cpu_ms_per_request"] for r in points)
+    return (f"Pinned: the server and the in-process baseline run on {cores(st['server_cpus'])} with "
+            f"{st['threads']} torch thread(s) each, the load generator on {cores(st['client_cpus'])}; it spent at "
+            f"most {cost:.1f} ms of CPU per request and kept its core at most {busy:.0%} busy"
+            + (", so it never held the server back." if busy < 0.5 else ": it may have held the server back."))
+
+
 def render_serving() -> str:
     data = load("serving.json")
     rows = []
@@ -257,8 +272,11 @@ def render_serving() -> str:
     for key, checks in data["targets"].items():
         for name, (value, met) in checks.items():
             targets.append(f"- `{key}` {name}: {value:.2f}, {verdict(met)}")
+    load_start, load_end = data["machine"]["load_avg_start"][0], data["machine"]["load_avg_end"][0]
     return "\n".join([
         table(["model", "path", "clients", "batch", "img/s", "p50 (ms)", "p99 (ms)"], rows, "llrrrrr"),
+        "",
+        f"{serving_method(data)} Load average {load_start:.2f} at the start, {load_end:.2f} at the end.",
         "",
         "Targets (ratios measured in the same run):",
         *targets,

@@ -1,7 +1,13 @@
 """Serving benchmark: in-process eager vs Triton (HTTP/gRPC, with/without dynamic batching) at several concurrencies.
 
     .venv/bin/python bench/serving.py                 # default: ~6 min on a 2-core machine
-    .venv/bin/python bench/serving.py --full --vgg16-size 224 --window 10   # every point, paper input size
+    .venv/bin/python bench/serving.py --models mobile,effnet,vgg16 --full --vgg16-size 224   # every point
+
+Measured fairly (the default): the server and the load generator are pinned to separate cores (``--server-cpus``,
+``--client-cpus``; on 2 cores one each), the in-process baseline runs on the server's cores with as many torch
+threads as the server has, and the load generator's own CPU time is measured at every point (CPU ms per request
+and how busy its cores were: a saturated load generator would understate the server). ``--unpinned`` measures
+the old way (everything shares every core), labelled as such in the JSON.
 
 For each model (untrained, seeded weights: speed does not depend on training) it measures
 * in-process eager ``model(x)`` at batch sizes 1..32, keeping the best throughput;
@@ -22,10 +28,12 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +47,23 @@ from mildnet.export import export_model  # noqa: E402
 from mildnet.serving import contract  # noqa: E402
 from mildnet.serving.repository import ServingConfig  # noqa: E402
 from mildnet.fileio import atomic_write_text  # noqa: E402
-from mildnet.serving.client import model_metrics  # noqa: E402
-from mildnet.serving.server import TritonServer  # noqa: E402
+from mildnet.serving.client import model_metrics, time_per_request  # noqa: E402
+from mildnet.serving.server import TritonServer, parse_cpus  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-VARIANTS = {"mobile": "mildnet_mobile", "vgg16": "mildnet_vgg16"}
+VARIANTS = {"mobile": "mildnet_mobile", "effnet": "mildnet_effnet_lite0", "vgg16": "mildnet_vgg16"}
+
+
+@contextmanager
+def pinned(cpus: set[int] | None):
+    """Run this process (every thread) on ``cpus`` inside the block; None leaves the affinity alone."""
+    before = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 # Triton model per batching mode. The default export sheds overload through a queue policy; Triton 2.51 then
 # stalls ~0.5 s now and then (docs/serving.md), so the same model without the policy is measured too.
 MODEL_OF_BATCHING = {"dynamic": contract.EMBEDDING_MODEL, "none": "mildnet_nobatch",
@@ -145,12 +165,14 @@ def load_point(url: str, protocol: str, model: str, size: int, concurrency: int,
         time.sleep(0.01)
     with lock:
         window_open.append(time.perf_counter())
+        cpu_start = time.process_time()  # this process is the load generator: all its threads count
     while True:
         time.sleep(0.05)
         with lock:
             elapsed, done = time.perf_counter() - window_open[0], len(latencies)
             if (elapsed >= window and done >= 3 * concurrency) or elapsed >= 4 * window:
                 stop.set()
+                cpu = time.process_time() - cpu_start
                 break
     for t in threads:
         t.join()
@@ -158,7 +180,10 @@ def load_point(url: str, protocol: str, model: str, size: int, concurrency: int,
     return {"img_per_s": len(lat) / elapsed, "seconds": elapsed,
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None, "requests": int(len(lat)),
-            "errors": len(errors), "first_error": errors[0] if errors else None}
+            "errors": len(errors), "first_error": errors[0] if errors else None,
+            # the load generator's own cost: CPU per reply, and the share of its cores it kept busy
+            "client_cpu_ms_per_request": cpu / max(len(lat), 1) * 1e3,
+            "client_cores_busy": cpu / elapsed / len(os.sched_getaffinity(0))}
 
 
 def triton_points(name: str, model, size: int, args, points: list[tuple[str, str, int]]) -> list[dict]:
@@ -173,7 +198,8 @@ def triton_points(name: str, model, size: int, args, points: list[tuple[str, str
                                                 max_queue_delay_us=args.queue_delay_us, max_queue_size=0),
                      pipeline=False)
         with TritonServer(repo, model_control_mode="none", log_file=Path(tmp) / "triton.log",
-                          extra_args=["--metrics-interval-ms=250", *args.server_arg]) as server:
+                          extra_args=["--metrics-interval-ms=250", *args.server_arg],
+                          cpus=args.server_cpus) as server, pinned(args.client_cpus):
             for protocol, batching, conc in points:
                 model_name = MODEL_OF_BATCHING[batching]
                 url = server.http_url if protocol == "http" else server.grpc_url
@@ -183,27 +209,55 @@ def triton_points(name: str, model, size: int, args, points: list[tuple[str, str
                 time.sleep(0.6)  # let the metrics refresh
                 after = model_metrics(server.metrics_url, model_name)
                 passes = after["exec_count"] - before["exec_count"]
+                # where the requests' time went by Triton's own counters (queue, compute_infer, per request)
+                row["server_ms"] = time_per_request(before, after)
                 row.update(protocol=protocol, batching=batching, concurrency=conc,
                            avg_batch=(after["inference_count"] - before["inference_count"]) / passes
                            if passes else None)
                 rows.append(row)
                 print(f"  triton {protocol:4} {batching:7} c={conc:>2}: {row['img_per_s']:7.1f} img/s  "
                       f"p50 {row['p50_ms'] or float('nan'):7.1f} ms  p99 {row['p99_ms'] or float('nan'):7.1f} ms  "
-                      f"avg batch {row['avg_batch'] or float('nan'):4.1f}  errors {row['errors']}", flush=True)
+                      f"avg batch {row['avg_batch'] or float('nan'):4.1f}  errors {row['errors']}  "
+                      f"client busy {row['client_cores_busy']:.2f}", flush=True)
     return rows
 
 
 # -- main ---------------------------------------------------------------------------------------------------------
+def baseline(variant: str, size: int, batch_sizes: list[int], window: float, cpus: set[int] | None,
+             threads: int) -> dict:
+    """In-process eager speed, FLOPs and matmul roof, measured in a fresh interpreter started on ``cpus`` with
+    ``threads`` torch threads: the server's cores and thread count. (Pinning this process instead would move only
+    its calling thread; the OpenMP workers torch already started would keep every core.)"""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-only", variant, "--mobile-size", str(size),
+           "--window", str(window), "--threads", str(threads), "--batch-sizes", ",".join(map(str, batch_sizes))]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, check=True, text=True,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    *progress, result = done.stdout.rstrip().splitlines()
+    print("\n".join(progress), flush=True)
+    return json.loads(result)
+
+
+def baseline_main(args) -> int:
+    torch.manual_seed(0)
+    model = models.create(args.baseline_only, pretrained=False, input_size=args.mobile_size).eval()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    eager = in_process(model, args.mobile_size, batch_sizes, args.window)
+    print(json.dumps({"in_process": eager, "flops": model_flops(model, args.mobile_size),
+                      "matmul_flops": matmul_flops(2.0), "threads": torch.get_num_threads(),
+                      "cpus": sorted(os.sched_getaffinity(0))}))
+    return 0
+
+
 def bench_model(key: str, size: int, args) -> dict:
     variant = VARIANTS[key]
     print(f"{variant} at {size}x{size}", flush=True)
     torch.manual_seed(0)
     model = models.create(variant, pretrained=False, input_size=size).eval()
-    full = args.full or key == "mobile"
-    batch_sizes = [1, 4, 8, 16, 32] if full else [1, 8, 16]
-    eager = in_process(model, size, batch_sizes, args.window / 2)
-    flops = model_flops(model, size)
-    matmul_samples = [matmul_flops(2.0)]
+    full = args.full or key != "vgg16"
+    batch_sizes = [1, 2, 4, 8, 16, 32] if full else [1, 8, 16]
+    first = baseline(variant, size, batch_sizes, args.window / 2, args.server_cpus, args.threads)
+    eager, flops = first["in_process"], first["flops"]
+    matmul_samples = [first["matmul_flops"]]
     conc = [1, 4, 16, 32]
     if full:
         points = [(p, b, c) for p in ("http", "grpc") for b in ("dynamic", "none") for c in conc]
@@ -212,7 +266,10 @@ def bench_model(key: str, size: int, args) -> dict:
     nopolicy = "dynamic, no queue policy"
     points += [("http", nopolicy, 1), ("http", nopolicy, 16), ("grpc", nopolicy, 16)]
     served = triton_points(key, model, size, args, points)
-    matmul_samples.append(matmul_flops(2.0))  # on a shared machine the rate moves: the roof is the best seen
+    # Again after the server: on a shared machine the rates move, so both sides get their best of two.
+    second = baseline(variant, size, batch_sizes, args.window / 2, args.server_cpus, args.threads)
+    eager = [max(a, b, key=lambda r: r["img_per_s"]) for a, b in zip(eager, second["in_process"])]
+    matmul_samples.append(second["matmul_flops"])  # the roof is the best seen
     roof_flops = max(matmul_samples)
     best = max(eager, key=lambda r: r["img_per_s"])
 
@@ -264,28 +321,46 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="mobile,vgg16", help="comma list of: " + ", ".join(VARIANTS))
-    ap.add_argument("--mobile-size", type=int, default=224)
+    ap.add_argument("--models", default="mobile,effnet", help="comma list of: " + ", ".join(VARIANTS))
+    ap.add_argument("--mobile-size", type=int, default=224, help="input size of mobile and effnet")
     ap.add_argument("--vgg16-size", type=int, default=128, help="paper: 224 (~3x slower per image)")
     ap.add_argument("--window", type=float, default=6.0, help="seconds measured per Triton point")
     ap.add_argument("--queue-delay-us", type=int, default=2000)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                    help="torch threads in-process (the server uses cores / instances)")
+    cores = sorted(os.sched_getaffinity(0))
+    ap.add_argument("--server-cpus", type=parse_cpus, default=set(cores[:-1]) if len(cores) > 1 else None,
+                    help="cores of the server and of the in-process baseline (default: all but the last)")
+    ap.add_argument("--client-cpus", type=parse_cpus, default={cores[-1]} if len(cores) > 1 else None,
+                    help="cores of the load generator (default: the last)")
+    ap.add_argument("--unpinned", action="store_true",
+                    help="the old method: server, load generator and baseline share every core")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads in-process (default: one per server core; the server uses cores / instances)")
     ap.add_argument("--full", action="store_true", help="every point for VGG16 too (slow)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra tritonserver flag (repeatable)")
     ap.add_argument("--out", default=str(RESULTS / "serving.json"))
+    ap.add_argument("--baseline-only", metavar="VARIANT", help=argparse.SUPPRESS)  # the pinned child of baseline()
+    ap.add_argument("--batch-sizes", default="1,8", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.baseline_only:
+        torch.set_num_threads(args.threads)
+        return baseline_main(args)
+    if args.unpinned:
+        args.server_cpus = args.client_cpus = None
+    elif not args.server_cpus or not args.client_cpus or args.server_cpus & args.client_cpus:
+        ap.error("pinning needs separate, non-empty --server-cpus and --client-cpus (or --unpinned)")
+    args.threads = args.threads or len(args.server_cpus or cores)
     torch.set_num_threads(args.threads)
     started = time.time()
     results = {"benchmark": "serving", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "settings": {k: v for k, v in vars(args).items()},
+               "settings": {**{k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()},
+                            "method": "unpinned" if args.unpinned else "pinned", "out": Path(args.out).name},
                "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                            "torch_threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()},
                "models": {}}
     for key in [m.strip() for m in args.models.split(",") if m.strip()]:
         if key not in VARIANTS:
             ap.error(f"unknown model {key!r}; choose from {', '.join(VARIANTS)}")
-        size = args.mobile_size if key == "mobile" else args.vgg16_size
+        size = args.vgg16_size if key == "vgg16" else args.mobile_size
         results["models"][key] = bench_model(key, size, args)
     results["machine"]["load_avg_end"] = os.getloadavg()
     results["wall_s"] = time.time() - started

@@ -78,6 +78,9 @@ def test_configs_parse_and_follow_the_spec(tmp_path, small_model, kind, instance
     assert emb.instance_group[0].kind == (model_config_pb2.ModelInstanceGroup.KIND_GPU if kind == "gpu"
                                           else model_config_pb2.ModelInstanceGroup.KIND_CPU)
     assert emb.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == ("no" if kind == "gpu" else "yes")
+    # CPU: a frozen model, in passes of 4 images (bigger batches run slower per image there); GPU: neither
+    assert emb.parameters[contract.FREEZE_PARAM].string_value == ("no" if kind == "gpu" else "yes")
+    assert emb.parameters[contract.FORWARD_BATCH_PARAM].string_value == ("0" if kind == "gpu" else "4")
     assert emb.HasField("dynamic_batching") == dynamic
     if dynamic:  # overload is shed with an error, not queued forever
         policy = emb.dynamic_batching.default_queue_policy
@@ -132,6 +135,14 @@ def test_cli_export_checkpoint(tmp_path, checkpoint, capsys):
     assert parse_config(repo / "mildnet" / "config.pbtxt").instance_group[0].count == 2
 
 
+def test_cli_export_forward_batch_and_no_freeze(tmp_path):
+    assert cli_main(["export", "--untrained", "mildnet_mobile", "--input-size", "64", "--no-pipeline",
+                     "--repository", str(tmp_path), "--forward-batch", "2", "--no-freeze"]) == 0
+    params = parse_config(tmp_path / "mildnet" / "config.pbtxt").parameters
+    assert params[contract.FORWARD_BATCH_PARAM].string_value == "2"
+    assert params[contract.FREEZE_PARAM].string_value == "no"
+
+
 def test_cli_export_untrained_is_seeded(tmp_path):
     for name in ("a", "b"):
         assert cli_main(["export", "--untrained", "mildnet_mobile", "--input-size", "64", "--seed", "7",
@@ -171,7 +182,8 @@ def test_export_verifies_weights_hash_in_and_out(tmp_path, capsys, checkpoint):
 
 
 @pytest.mark.parametrize("kw,message", [({"max_batch_size": 0}, "max-batch-size"), ({"instances": 0}, "instances"),
-                                        ({"kind": "tpu"}, "kind"), ({"model_name": "a/b"}, "model-name")])
+                                        ({"kind": "tpu"}, "kind"), ({"model_name": "a/b"}, "model-name"),
+                                        ({"forward_batch": -1}, "forward-batch")])
 def test_bad_serving_config(kw, message):
     with pytest.raises(ValueError, match=message):
         ServingConfig(**kw)

@@ -119,6 +119,11 @@ SETTINGS_EDITS = {
                   "hinge-ish loss, sgd lr 0.3, batch 9, augmented photos"]),
     "headline": ("demo.json", lambda d: d.update(queries=48, top1=0.5, top5=0.75, catalogue_items=90),
                  ["first for 24 of 48 query photos and in the top 5 for 36, among 90 catalogue items"]),
+    "serving": ("serving.json", lambda d: (d["settings"].update(server_cpus=[0, 1, 2], client_cpus=[3], threads=3),
+                                           [r.update(client_cores_busy=0.5, client_cpu_ms_per_request=9.5)
+                                            for m in d["models"].values() for r in m["triton"][:1]]),
+                ["cores 0, 1, 2 with 3 torch thread(s)", "load generator on core 3", "at most 9.5 ms of CPU",
+                 "at most 50% busy"]),
     "zoo": ("models.json", lambda d: d["settings"].update(threads=5, size=160, reps=4),
             ["CPU, 5 threads, 160x160 input", "best of 4 runs"]),
 }

@@ -366,27 +366,57 @@ def exported_repo(tmp_path_factory):
     return repo, model
 
 
-def test_embedder_runs_one_forward_pass_per_batch_of_requests(exported_repo):
+def _counting(forward, calls):
+    def wrapper(x):
+        calls.append(x.shape[0])
+        return forward(x)
+    return wrapper
+
+
+def test_embedder_runs_a_batch_of_requests_in_passes_of_forward_batch(exported_repo):
     from mildnet.serving.triton import EmbedderModel, create_model
 
     pb = FakePbUtils
     repo, model = exported_repo
     backend = create_model(_backend_args(repo, "mildnet"), pb)  # the class the config names
     assert isinstance(backend, EmbedderModel)
+    assert isinstance(backend.forward, torch.jit.ScriptModule)  # the CPU default: frozen
     calls = []
-    backend.model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    backend.forward = _counting(backend.forward, calls)
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((n, 3, 64, 64)).astype(np.float32) for n in (1, 3, 2)]
     bad = np.zeros((1, 3, 32, 32), np.float32)
     requests = [pb.InferenceRequest([pb.Tensor("PIXELS", x)]) for x in (xs[0], bad, xs[1], xs[2])]
     responses = backend.execute(requests)
-    assert calls == [6]  # the three good requests, concatenated: ONE forward pass
+    assert calls == [4, 2]  # the three good requests, concatenated, in passes of forward_batch (4 on CPU)
     assert responses[1].has_error() and "shape" in responses[1].error().message()
     with torch.inference_mode():
         for resp, x in zip([responses[0], responses[2], responses[3]], xs):
             assert not resp.has_error()
             got = pb.get_output_tensor_by_name(resp, "EMBEDDING").as_numpy()
             np.testing.assert_allclose(got, model(torch.from_numpy(x)).numpy(), atol=1e-5)
+
+
+def test_embedder_eager_in_one_pass_when_exported_so(tmp_path):
+    from mildnet import models
+    from mildnet.export import export_model
+    from mildnet.serving.repository import ServingConfig
+    from mildnet.serving.triton import create_model
+
+    pb = FakePbUtils
+    torch.manual_seed(0)
+    model = models.create("mildnet_mobile", pretrained=False, input_size=64).eval()
+    export_model(model, tmp_path, ServingConfig(freeze=False, forward_batch=0), pipeline=False)
+    backend = create_model(_backend_args(tmp_path, "mildnet"), pb)
+    assert not isinstance(backend.forward, torch.jit.ScriptModule)
+    calls = []
+    backend.model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    x = np.random.default_rng(1).standard_normal((6, 3, 64, 64)).astype(np.float32)
+    (resp,) = backend.execute([pb.InferenceRequest([pb.Tensor("PIXELS", x)])])
+    assert calls == [6] and not resp.has_error()
+    with torch.inference_mode():
+        np.testing.assert_allclose(pb.get_output_tensor_by_name(resp, "EMBEDDING").as_numpy(),
+                                   model(torch.from_numpy(x)).numpy(), atol=1e-5)
 
 
 def test_preprocess_follows_spec_and_fails_per_request(exported_repo, grocery_photos, tmp_path):

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mildnet.serving.server import (ADMIN_KEY_HEADER, RESTRICTED_APIS, TritonServer, free_port, remove_shm_regions,
-                           signal_name, supervise)
+from mildnet.serving.server import (ADMIN_KEY_HEADER, RESTRICTED_APIS, CpuSetError, TritonServer, free_port,
+                                    parse_cpus, remove_shm_regions, signal_name, supervise)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
@@ -76,6 +76,26 @@ class StandIn:
         if self.restarts <= self.fail_restarts:
             raise ServerStartError("port in use")
         self.process = subprocess.Popen(["sleep", "300"])
+
+
+@pytest.mark.parametrize("text,want", [("0", {0}), ("0-0", {0}), (" 0 ,0", {0})])
+def test_parse_cpus(text, want):
+    assert parse_cpus(text) == want
+
+
+@pytest.mark.parametrize("text,message", [("a", "cannot read"), ("1-0", "backwards"), ("4096", "not available"),
+                                          ("", "cannot read")])
+def test_parse_cpus_errors(text, message):
+    with pytest.raises(CpuSetError, match=message):
+        parse_cpus(text)
+
+
+def test_serve_cpus_flag_refuses_a_core_it_cannot_use(capsys):
+    from mildnet.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["serve", "--cpus", "4096"])
+    assert exit_info.value.code == 2 and "not available here" in capsys.readouterr().err
 
 
 def test_supervise_restarts_with_backoff_until_stopped():
@@ -181,10 +201,11 @@ def test_serve_comes_back_after_kill_and_one_request_crashes(served_repository, 
     render_model_config(repo, served_config(), info)
     render_pipeline(repo, served_config(), info)
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    core = max(os.sched_getaffinity(0))  # pinned: the restarted server must stay on its cores too
     out = open(tmp_path / "serve.out", "wb")
     serve = subprocess.Popen([sys.executable, "-m", "mildnet", "serve", "--repository", str(repo),
                               "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                              "--metrics-port", str(metrics_port), "--poll-secs", "0",
+                              "--metrics-port", str(metrics_port), "--poll-secs", "0", "--cpus", str(core),
                               "--log-file", str(tmp_path / "tritonserver.log")],
                              stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     photos = [p.read_bytes() for p in grocery_photos[:3]]
@@ -192,6 +213,7 @@ def test_serve_comes_back_after_kill_and_one_request_crashes(served_repository, 
     try:
         _wait(lambda: _ready(http_port), 300, "mildnet serve to be ready")
         triton = _triton_pid(serve.pid)
+        assert os.sched_getaffinity(triton) == {core}
         prefix = _shm_prefix(triton)
         regions_at_start = _regions(prefix)
         assert regions_at_start, "the Python backend's stubs should hold regions under this server's prefix"
@@ -230,6 +252,7 @@ def test_serve_comes_back_after_kill_and_one_request_crashes(served_repository, 
             back = _wait(lambda: _ready(http_port), 300, f"the server to come back after the {what}")
             new = _triton_pid(serve.pid)
             assert new not in (None, old), f"{what}: expected a new tritonserver process"
+            assert os.sched_getaffinity(new) == {core}, f"{what}: the restarted server left its cores"
             same_answers()
             # No leak: the dead server's regions were removed, the new one holds as many as the first
             assert len(_regions(prefix)) == len(regions_at_start), (what, _regions(prefix), regions_at_start)

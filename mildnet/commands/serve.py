@@ -7,7 +7,14 @@ import os
 import signal
 import threading
 
-from ..serving.server import ADMIN_KEY_HEADER, RESTRICTED_APIS, TritonServer, supervise
+from ..serving.server import ADMIN_KEY_HEADER, RESTRICTED_APIS, TritonServer, parse_cpus, supervise
+
+
+def _cpus(text: str) -> set[int]:
+    try:
+        return parse_cpus(text)
+    except ValueError as e:  # argparse would otherwise print only "invalid value"
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -23,13 +30,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-file", default=None,
                         help="server log (default: <venv>/var/mildnet/triton/logs/...)")
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--cpus", type=_cpus, default=None,
+                        help="cores the server may use, e.g. 0-2 (default: all); leave the rest to other services")
 
 
 def run(args: argparse.Namespace) -> int:
     server = TritonServer(args.repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, log_file=args.log_file,
                           model_control_mode="poll" if args.poll_secs > 0 else "none",
-                          poll_secs=max(args.poll_secs, 1), log_verbose=args.log_verbose)
+                          poll_secs=max(args.poll_secs, 1), log_verbose=args.log_verbose, cpus=args.cpus)
     stop = threading.Event()
 
     def _on_signal(signum, _frame):

@@ -51,6 +51,8 @@ EMBEDDER, PREPROCESSOR, SEARCHER = "embedder", "preprocessor", "searcher"  # ...
 EMBEDDING_MODEL_PARAM = "embedding_model"  # similar: the name of the embedding model it calls (BLS)
 EMBEDDING_BATCH_PARAM = "embedding_batch"  # similar: rows per BLS call to the embedding model
 INDEX_PATH_PARAM = "index_path"  # similar: empty = default_index_path(repository)
+FREEZE_PARAM = "freeze"  # mildnet: "yes" runs a frozen TorchScript copy on CPU (mildnet.models.frozen)
+FORWARD_BATCH_PARAM = "forward_batch"  # mildnet: images per forward pass; a larger batch runs in passes (0: one)
 SPEC_PARAM = "spec"  # the preprocessing spec as JSON: all that `preprocess` reads
 _SERVED_PARAMS = ("variant", "embedding_dim", SPEC_PARAM, "model_version")  # ServedModel: mildnet and similar
 

@@ -52,12 +52,19 @@ class ServingConfig:
     max_queue_size: int = 256
     queue_timeout_us: int = 30_000_000
     preprocess_instances: int = 1
+    # Images per forward pass: the backend splits a larger batch into passes of this size (0: one pass). On CPU a
+    # batch beyond a few images runs slower per image (activations fall out of cache: bench/serving.py), and
+    # Triton 2.51's batcher forms batches as large as its queue allows whatever preferred_batch_size says.
+    forward_batch: int | None = None  # None: 4 on CPU, 0 on GPU
+    freeze: bool = True  # CPU instances run the model frozen (mildnet.models.frozen): faster than eager
 
     def __post_init__(self):
         if self.max_batch_size < 1:
             raise ServingConfigError(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
         if self.max_queue_size < 0:
             raise ServingConfigError(f"--max-queue-size must be >= 0 (0: no queue policy), got {self.max_queue_size}")
+        if self.forward_batch is not None and self.forward_batch < 0:
+            raise ServingConfigError(f"--forward-batch must be >= 0 (0: the whole batch at once), got {self.forward_batch}")
         if self.instances < 1:
             raise ServingConfigError(f"--instances must be >= 1, got {self.instances}")
         if self.kind not in ("cpu", "gpu"):
@@ -118,7 +125,11 @@ def embedding_config(cfg: ServingConfig, served: c.ServedModel) -> str:
     s = served.spec.input_size
     params = {c.PYTHON_MODEL_PARAM: c.EMBEDDER,
               # "no" with KIND_GPU: inputs arrive on the GPU and pass into torch through DLPack without a copy.
-              "FORCE_CPU_ONLY_INPUT_TENSORS": "no" if cfg.kind == "gpu" else "yes", **served.to_parameters()}
+              "FORCE_CPU_ONLY_INPUT_TENSORS": "no" if cfg.kind == "gpu" else "yes",
+              c.FREEZE_PARAM: "yes" if cfg.freeze and cfg.kind == "cpu" else "no",
+              c.FORWARD_BATCH_PARAM: str(cfg.forward_batch if cfg.forward_batch is not None
+                                         else 4 if cfg.kind == "cpu" else 0),
+              **served.to_parameters()}
     return _render("embedding", cfg, served, name=cfg.model_name, instances=cfg.instances,
                    kind="KIND_GPU" if cfg.kind == "gpu" else "KIND_CPU",
                    dynamic_batching=_queueing(cfg, cfg.max_queue_delay_us), warmup=_warmup((3, s, s)),

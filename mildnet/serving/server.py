@@ -76,6 +76,35 @@ class ServerStartError(MildnetError, RuntimeError):
     """Triton could not be found or did not become ready; the message carries the tail of its log."""
 
 
+class CpuSetError(MildnetError, ValueError):
+    """A core list that is malformed or names cores this process may not run on."""
+
+
+def parse_cpus(text: str) -> set[int]:
+    """``"0-2,5"`` -> ``{0, 1, 2, 5}`` (taskset's list syntax), checked against the cores this process may use."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise CpuSetError(f"cannot read core list {text!r}: use numbers and ranges, e.g. 0-2,5") from None
+        if first > last:
+            raise CpuSetError(f"core range {part.strip()!r} runs backwards")
+        cpus.update(range(first, last + 1))
+    return check_cpus(cpus)
+
+
+def check_cpus(cpus) -> set[int]:
+    allowed = os.sched_getaffinity(0)
+    cpus = set(cpus)
+    if not cpus:
+        raise CpuSetError("the core list is empty")
+    if not cpus <= allowed:
+        raise CpuSetError(f"cores {sorted(cpus - allowed)} are not available here (allowed: {sorted(allowed)})")
+    return cpus
+
+
 class ShmPrefixError(MildnetError, ValueError):
     """A shared-memory prefix that could name another server's regions."""
 
@@ -243,7 +272,7 @@ class TritonServer:
                  grpc_port: int = 0, metrics_port: int = 0, *, log_file: str | os.PathLike | None = None,
                  model_control_mode: str = "poll", poll_secs: int = 2, log_verbose: int = 0,
                  exit_timeout_secs: int = 10, extra_args: list[str] | None = None,
-                 build_dir: Path = DEFAULT_BUILD_DIR):
+                 build_dir: Path = DEFAULT_BUILD_DIR, cpus: set[int] | None = None):
         self.repository = Path(repository).resolve()
         self.host = host
         self._ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
@@ -261,6 +290,9 @@ class TritonServer:
         self.shm_prefix = f"mildnet_{os.getpid()}_{secrets.token_hex(4)}_"
         self.admin_key = secrets.token_urlsafe(24)  # unlocks RESTRICTED_APIS; never printed
         self.restarts = 0
+        # The cores tritonserver and its stubs may run on (inherited at fork; the stubs size their torch thread
+        # pools from it): keeps a server off the cores of a load generator or of other services.
+        self.cpus = check_cpus(cpus) if cpus is not None else None
 
     # -- endpoints -------------------------------------------------------------------------------------------
     @property
@@ -331,6 +363,10 @@ class TritonServer:
         self.restarts += 1
         self._launch(timeout)
 
+    def _pin(self) -> None:  # runs in the child between fork and exec
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)
+
     def _launch(self, timeout: float) -> None:
         assert self.installation is not None and self.log_file is not None
         log = open(self.log_file, "ab")
@@ -338,7 +374,7 @@ class TritonServer:
             # Own session: Ctrl-C in a terminal reaches us, and we stop the server in order (see stop()).
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=_server_env(self.installation),
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=self._pin)
         finally:
             log.close()
         deadline = time.monotonic() + timeout

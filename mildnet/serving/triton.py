@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from ..errors import MildnetError
 from ..imageio import check_request, needed_size, preprocess
 from ..index import check_k, load_index
 from ..models import load_checkpoint
+from ..models.frozen import FreezeError, freeze_for_cpu
 from . import contract as c
 
 
@@ -120,6 +122,14 @@ class EmbedderModel:
         self.model = model.to(self.device).eval()
         s = self.info.spec.input_size
         self.input_shape = (3, s, s)
+        params = c.config_parameters(self.config)
+        self.forward_batch = int(params.get(c.FORWARD_BATCH_PARAM) or 0)
+        self.forward = self.model
+        if self.device.type == "cpu" and params.get(c.FREEZE_PARAM) == "yes":
+            try:
+                self.forward = freeze_for_cpu(self.model, self.input_shape)
+            except FreezeError as e:  # eager gives the same answers, only slower
+                print(f"{self.config.get('name', '?')}: serving the eager model: {e}", file=sys.stderr, flush=True)
         # Generous (100 widths of a real image's range on each side): random or augmented test pixels pass; what
         # overflows the network (1e38) does not.
         lo, hi = self.info.spec.pixel_range()
@@ -132,15 +142,20 @@ class EmbedderModel:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             return (f"PIXELS must have shape [batch, {', '.join(map(str, self.input_shape))}] "
                     f"(model {self.info.variant} v{self.info.version}), got {list(x.shape)}")
+        if not x.numel():
+            return None
+        # One pass over the pixels: NaN fails both comparisons and an infinity the bounds, so the rarer
+        # questions (which, how many) are asked only of a batch that fails.
+        low, high = (float(v) for v in torch.aminmax(x))
+        lo, hi = self.pixel_bounds
+        if lo <= low and high <= hi:
+            return None
         if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             return f"PIXELS holds {bad} NaN or infinite value(s); send finite, normalised pixels"
-        lo, hi = self.pixel_bounds
-        if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
-            # Far outside what a real image normalises to (e.g. 1e38): activations overflow into a zero vector
-            return (f"PIXELS values must lie within [{lo:.3g}, {hi:.3g}] (pixels normalised with the model's "
-                    f"spec), got [{float(x.min()):.3g}, {float(x.max()):.3g}]")
-        return None
+        # Far outside what a real image normalises to (e.g. 1e38): activations overflow into a zero vector
+        return (f"PIXELS values must lie within [{lo:.3g}, {hi:.3g}] (pixels normalised with the model's "
+                f"spec), got [{low:.3g}, {high:.3g}]")
 
     @_guarded
     def execute(self, requests: list) -> list:
@@ -157,9 +172,10 @@ class EmbedderModel:
                 owners.append(i)
         if batch:
             try:
-                x = torch.cat(batch).to(self.device, non_blocking=True)  # (B, 3, S, S): ONE forward pass
-                with torch.inference_mode():
-                    y = self.model(x).float()  # (B, D), unit norm
+                x = torch.cat(batch).to(self.device, non_blocking=True)  # (B, 3, S, S)
+                step = self.forward_batch or len(x)
+                with torch.inference_mode():  # passes of forward_batch images: (B, D), unit norm
+                    y = torch.cat([self.forward(x[i:i + step]).float() for i in range(0, len(x), step)])
                 if y.device.type == "cpu":
                     y = y.numpy()
                 offset = 0
