@@ -316,8 +316,8 @@ def render_kernel() -> str:
 
 # One file per embedding size, each measuring the shipped mildnet.index at 100k and 1M against its own flat search.
 RETRIEVAL_FILES = {
-    "retrieval.json": "python bench/retrieval.py --sizes 100000,1000000 --dims 512",
-    "retrieval_1024.json": "python bench/retrieval.py --sizes 100000,1000000 --dims 1024 "
+    "retrieval.json": "python bench/retrieval.py --sizes 100000,1000000 --dims 512 --kinds ivfpq,auto",
+    "retrieval_1024.json": "python bench/retrieval.py --sizes 100000,1000000 --dims 1024 --kinds ivfpq,auto "
                            "--out bench/results/retrieval_1024.json",
 }
 

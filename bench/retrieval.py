@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dims", type=ints, default=[512], help="e.g. 512,1024 (1024 = mildnet_mobile)")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2, help="FAISS threads for every kind")
-    p.add_argument("--repeats", type=int, default=3, help="timed batched calls per row (best kept), after a warm-up")
+    p.add_argument("--repeats", type=int, default=7, help="timed batched calls per row (best kept: this machine has slow spells of a second or so), after a warm-up")
     p.add_argument("--latency-queries", type=int, default=100, help="single-query calls per row")
     p.add_argument("--kinds", type=lambda x: [k for k in x.split(",") if k], default=list(KINDS[1:]),
                    help=f"kinds besides flat (always measured: the truth and the baseline), of {','.join(KINDS)}")
@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ef-construction", type=int, default=DEFAULT_PARAMS["ef_construction"])
     p.add_argument("--ef-search", type=ints, default=[32, 64, 128], help="HNSW (swept at query time)")
     p.add_argument("--pq-dims-per-byte", type=int, default=DEFAULT_PARAMS["pq_dims_per_byte"], help="IVF-PQ code size")
-    p.add_argument("--nprobe", type=ints, default=[4, 8], help="IVF lists probed (swept at query time)")
+    p.add_argument("--nprobe", type=ints, default=[DEFAULT_PARAMS["nprobe"], 2 * DEFAULT_PARAMS["nprobe"]],
+                   help="IVF lists probed (swept at query time; default: the shipped value and twice it)")
     p.add_argument("--rerank-factor", type=ints, default=[DEFAULT_PARAMS["rerank_factor"]],
                    help="IVF-PQ shortlist = k * this, re-ranked exactly (swept at query time)")
     p.add_argument("--max-load", type=float, default=1.5, help="refuse to start above this 1-minute load average")

@@ -253,7 +253,8 @@ def test_empty_index_roundtrip(tmp_path):
 
 # ---- IVF-PQ + exact re-ranking (the auto choice for the largest catalogues) --------------------------------
 def test_ivfpq_self_retrieval_filters_remove_roundtrip(tmp_path):
-    index, ids, vecs, meta = make(3000, "ivfpq", pq_dims_per_byte=4, nprobe=24)  # random data: finer codes
+    # random data (no clusters): finer codes, more lists and a longer shortlist than the defaults need on real data
+    index, ids, vecs, meta = make(3000, "ivfpq", pq_dims_per_byte=4, nprobe=24, rerank_factor=10)
     assert index.built_kind == "ivfpq"
     hits = index.search(vecs[:300], k=5)
     assert [h[0].id for h in hits] == ids[:300] and all(len(h) == 5 for h in hits)
