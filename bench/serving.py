@@ -53,10 +53,16 @@ from mildnet.serving.server import TritonServer, parse_cpus  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 VARIANTS = {"mobile": "mildnet_mobile", "effnet": "mildnet_effnet_lite0", "vgg16": "mildnet_vgg16"}
 
+# Triton model per batching mode. The default export sheds overload through a queue policy; Triton 2.51 then
+# stalls ~0.5 s now and then (docs/serving.md), so the same model without the policy is measured too.
+MODEL_OF_BATCHING = {"dynamic": contract.EMBEDDING_MODEL, "none": "mildnet_nobatch",
+                     "dynamic, no queue policy": "mildnet_nopolicy"}
+
 
 @contextmanager
 def pinned(cpus: set[int] | None):
-    """Run this process (every thread) on ``cpus`` inside the block; None leaves the affinity alone."""
+    """Run the calling thread, and the threads it starts inside the block, on ``cpus`` (Linux affinity is per
+    thread: threads started before keep theirs); None leaves the affinity alone."""
     before = os.sched_getaffinity(0)
     if cpus:
         os.sched_setaffinity(0, cpus)
@@ -64,10 +70,6 @@ def pinned(cpus: set[int] | None):
         yield
     finally:
         os.sched_setaffinity(0, before)
-# Triton model per batching mode. The default export sheds overload through a queue policy; Triton 2.51 then
-# stalls ~0.5 s now and then (docs/serving.md), so the same model without the policy is measured too.
-MODEL_OF_BATCHING = {"dynamic": contract.EMBEDDING_MODEL, "none": "mildnet_nobatch",
-                     "dynamic, no queue policy": "mildnet_nopolicy"}
 
 
 # -- in-process ----------------------------------------------------------------------------------------------------
@@ -243,8 +245,7 @@ def baseline_main(args) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     eager = in_process(model, args.mobile_size, batch_sizes, args.window)
     print(json.dumps({"in_process": eager, "flops": model_flops(model, args.mobile_size),
-                      "matmul_flops": matmul_flops(2.0), "threads": torch.get_num_threads(),
-                      "cpus": sorted(os.sched_getaffinity(0))}))
+                      "matmul_flops": matmul_flops(2.0)}))
     return 0
 
 

@@ -1,7 +1,7 @@
 """A model frozen for CPU inference: traced to TorchScript, frozen (batch norm folded into the convolutions,
 weights inlined as constants) and passed through ``torch.jit.optimize_for_inference`` (oneDNN layouts, fused
-convolution + activation). The served ``mildnet`` model runs this on CPU: it is faster per image than eager (bench/serving.py
-shows by how much), the margin a Triton backend needs to match an in-process model.
+convolution + activation). The served ``mildnet`` model runs this on CPU: it is faster per image than eager
+(bench/serving.py shows by how much), the margin a Triton backend needs to match an in-process model.
 
     forward = freeze_for_cpu(model, (3, 224, 224))   # (B, 3, 224, 224) -> (B, D), as model(x)
 """
