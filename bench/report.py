@@ -106,6 +106,8 @@ ACC_COLUMNS = (("photo_to_photo_recall@1", "photo->photo R@1"), ("photo_to_photo
                ("photo_to_catalogue_recall@1", "photo->catalogue R@1"), ("photo_to_catalogue_recall@5", "R@5"),
                ("triplet_accuracy_in_class", "triplets in-class"), ("triplet_accuracy_out_class", "out-of-class"))
 MODEL_LABELS = {"ours": "trained, default recipe", "paper": "trained, paper's triplet recipe"}
+PAIRED = (("photo_to_photo_mAP", "photo->photo mAP"), ("photo_to_catalogue_recall@1", "photo->catalogue R@1"),
+          ("photo_to_catalogue_recall@5", "R@5"))  # the metrics compared with the backbone query by query
 
 
 def _ci(m: dict) -> str:
@@ -167,16 +169,14 @@ def render_accuracy() -> str:
     pairs = []
     for scheme, role, title in SPLIT_TITLES:
         vs = res["schemes"].get(scheme, {}).get("models", {}).get("ours", {}).get("splits", {}).get(role, {})
-        for key, label in (("photo_to_photo_mAP", "photo->photo mAP"),
-                           ("photo_to_catalogue_recall@1", "photo->catalogue R@1"),
-                           ("photo_to_catalogue_recall@5", "R@5")):
+        for key, label in PAIRED:
             if key in vs.get("vs_zero_shot", {}):
                 d = vs["vs_zero_shot"][key]
                 pairs.append(f"{title.lower()} {label} {100 * d['diff']:+.1f} ({100 * d['lo']:+.1f} to "
                              f"{100 * d['hi']:+.1f})")
     m = res["machine"]
     out += ["Default recipe minus the zero-shot backbone, in points, on the same queries (paired bootstrap, 95 %): "
-            + "; ".join(pairs) + ".", "",
+            + "; ".join(pairs) + ".", "", _reading(res), "",
             f"Time: pooling every image's taps and {r['catalogue_views']} copies of each catalogue image "
             f"{res['pool_seconds'] / 60:.1f} min, then {res['schemes']['unseen_products']['models']['ours']['seconds'] / 60:.1f}"
             f" min to train the default recipe, on {m['cpu_count']} cores shared with other work (load average "
@@ -218,6 +218,37 @@ def render_accuracy() -> str:
                       srows, "llrrrrr" + "r" * len(kind_heads) + "r"), ""]
     out.append(source([name], command))
     return "\n".join(out)
+
+
+def _reading(res: dict) -> str:
+    """The paired intervals in words (clearly above, level, clearly below the backbone), the same-class margin
+    beside the backbone's, and which study candidates kept the never-seen kind above the backbone."""
+    zs = res["settings"]["zero_shot"]
+    lines = ["Read plainly, the default recipe against the zero-shot backbone, on the same queries:"]
+    for scheme, role, title in SPLIT_TITLES:
+        models = res["schemes"].get(scheme, {}).get("models", {})
+        if role not in models.get("ours", {}).get("splits", {}):
+            continue
+        ours, base = models["ours"]["splits"][role], models[zs]["splits"][role]
+        level = "level (the interval holds zero)"
+        where: dict[str, list[str]] = {"clearly above": [], level: [], "clearly below": []}
+        for key, label in PAIRED:
+            d = ours.get("vs_zero_shot", {}).get(key)
+            if d:
+                where["clearly above" if d["lo"] > 0 else "clearly below" if d["hi"] < 0 else level].append(label)
+
+        def margin(sp: dict) -> float:
+            return sp["spread"]["same_class_mean_cosine"] - sp["spread"]["other_class_mean_cosine"]
+        lines.append(f"- {title}: " + "; ".join(f"{w} on {', '.join(labels)}" for w, labels in where.items() if labels)
+                     + f". Same-class minus other-class cosine {margin(ours):.3f} (the backbone's {margin(base):.3f}).")
+    kd, zk = res["settings"].get("kind_dev"), res.get("study_zero_shot_dev_kind")
+    if kd and zk and res.get("study"):
+        floor = sum(zk[k]["value"] for k in kd["metrics"]) / len(kd["metrics"])
+        above = [f"`{c}`" for c, m in res["study"].items() if m["dev_kind_score"] > floor]
+        below = [f"`{c}`" for c, m in res["study"].items() if m["dev_kind_score"] <= floor]
+        lines.append(f"- Study, kind dev ({kd['held_out']} never trained on): above the zero-shot backbone's score "
+                     f"({floor:.3f}): {', '.join(above) or 'none'}; at or below it: {', '.join(below) or 'none'}.")
+    return "\n".join(lines)
 
 
 def _paper_recipe(paper: dict) -> str:
@@ -394,6 +425,92 @@ def render_index() -> str:
     ])
 
 
+# The Milvus standalone server beside the shipped FAISS index, each file one run on the same vectors and queries.
+# A size measured in two files is shown from the first one listed (the 100k rerun: quieter than the long run's).
+_MILVUS_RUN = "python bench/retrieval.py --dims 1024 --kinds auto --milvus --nprobe 8,32 --sizes"
+MILVUS_FILES = {
+    "retrieval_milvus_100k_1024.json": f"{_MILVUS_RUN} 100000 --out bench/results/retrieval_milvus_100k_1024.json",
+    "retrieval_milvus_1024.json": f"{_MILVUS_RUN} 100000,1000000 --out bench/results/retrieval_milvus_1024.json",
+}
+
+
+def _engine_row(r: dict) -> list:
+    server = r["index"].startswith("milvus-")
+    kind = r["index"] if r["index"] == r["built_kind"] else f"{r['index']} ({r['built_kind']})"
+    params = ", ".join(f"{k}={v}" for k, v in r["params"].items() if k != "consistency") or "shipped defaults"
+    return [f"{r['n']:,} x {r['dim']}", "Milvus server" if server else "FAISS in-process", kind, params,
+            f"{r['recall@10']:.3f}", f"{r['qps']:,.0f}", f"{r['latency_ms']:.2f}", f"{r['speedup_vs_flat']:.1f}x",
+            f"{r['build_s']:.0f}", f"{r['index_mb']:,.0f} ({'server' if server else 'index'})"]
+
+
+def _milvus_summary(group: list[dict], recall: float) -> str:
+    """One size: the shipped FAISS choice against the fastest Milvus setting that reaches the recall target."""
+    auto = next((r for r in group if r["index"] == "auto"), None)
+    milvus = [r for r in group if r["index"].startswith("milvus-")]
+    good = [r for r in milvus if r["recall@10"] >= recall]
+    best = max(good, key=lambda r: r["qps"]) if good else max(milvus, key=lambda r: r["recall@10"], default=None)
+    if auto is None or best is None:
+        return ""
+    setting = ", ".join(f"{k}={v}" for k, v in best["params"].items() if k not in ("consistency",))
+    return (f"- {auto['n']:,} x {auto['dim']}: FAISS `auto` ({auto['built_kind']}) recall@10 {auto['recall@10']:.3f}, "
+            f"{auto['qps']:,.0f} queries/s, {auto['latency_ms']:.2f} ms per single query, built in "
+            f"{auto['build_s']:.0f} s; Milvus {'fastest at' if good else 'nothing reached'} recall@10 >= {recall}"
+            f"{'' if good else ', most accurate'}: {best['index']} ({setting}) recall@10 {best['recall@10']:.3f}, "
+            f"{best['qps']:,.0f} queries/s, {best['latency_ms']:.2f} ms per single query, built in "
+            f"{best['build_s']:.0f} s (load average {auto['load_1m_before']} when this size started).")
+
+
+def _milvus_run(data: dict) -> str:
+    st, la = data["settings"], data["load_average"]
+    return (f"{st['queries']:,} queries, the same vectors and queries for both engines; the Milvus server "
+            f"({data['machine'].get('milvus_server', 'version not recorded')}) started by the benchmark on 127.0.0.1, "
+            f"queried through the shipped `mildnet.index` Milvus backend at `{st['milvus_consistency']}` consistency; "
+            f"FAISS with {st['threads']} threads; warm-up then best of {st['repeats']} batched calls for every row; "
+            f"load average {la['before'][0]:.2f} before, {la['after'][0]:.2f} after"
+            + (f"; **noisy**: started above {la['max_load']}" if data["noisy"] else "")
+            + ("" if data["complete"] else "; **partial**: the run stopped before its last size") + ".")
+
+
+def render_milvus() -> str:
+    rows, notes, summaries, sources, shown = [], [], [], [], set()
+    for name, command in MILVUS_FILES.items():
+        data = _retrieval(name)
+        if data is None or not any(r["index"].startswith("milvus-") for r in data["rows"]):
+            notes.append(f"- `bench/results/{name}`: not yet measured against a Milvus server; run `{command}` on a "
+                         "quiet machine.")
+            continue
+        groups: dict[tuple[int, int], list[dict]] = {}
+        for r in data["rows"]:
+            groups.setdefault((r["n"], r["dim"]), []).append(r)
+        later = [f"{n:,} x {dim}" for n, dim in groups if (n, dim) in shown]
+        for key, group in groups.items():
+            if key not in shown:
+                shown.add(key)
+                rows += [_engine_row(r) for r in group]
+                summaries.append(_milvus_summary(group, data["target"]["recall@10"]))
+        notes.append(f"- `bench/results/{name}`: {_milvus_run(data)}"
+                     + (f" Its {', '.join(later)} rows are not shown: that size is shown from a file listed above it."
+                        if later else ""))
+        sources.append(source([name], command))
+    table_text = table(["vectors", "engine", "index", "parameters", "recall@10", "queries/s", "latency (ms)",
+                        "vs flat", "build (s)", "memory (MB)"], rows, "llllrrrrrr") if rows else \
+        "_No Milvus server measurement yet._"
+    summaries = [line for line in summaries if line]
+    return "\n".join([
+        table_text,
+        "",
+        "\"vs flat\" divides by FAISS's exact search of the same size in the same run. Build: FAISS, one `add` of "
+        "every item; Milvus, the insert through gRPC, the flush and the server's index build until every row is "
+        "indexed, then the load. Memory: FAISS, the growth of the process over the build; Milvus, the resident set "
+        "of the whole server (etcd, coordinators, loaded segments) after loading, not the index alone. Latency: one "
+        "query per call, so the Milvus figure includes the gRPC round trip. Each file is one run:",
+        *notes,
+        *(["", "Per size, the shipped FAISS choice against Milvus:", "", *summaries] if summaries else []),
+        "",
+        *sources,
+    ])
+
+
 def render_headline() -> str:
     """The README's one or two numbers: what the demo's short training reaches on held-out photos."""
     if not (RESULTS / "demo.json").exists():
@@ -469,7 +586,8 @@ def render_ui() -> str:
 
 RENDERERS = {
     "params": render_params, "zoo": render_zoo, "accuracy": render_accuracy, "serving": render_serving,
-    "kernel": render_kernel, "index": render_index, "soak": render_soak, "demo": render_demo, "ui": render_ui,
+    "kernel": render_kernel, "index": render_index, "milvus": render_milvus, "soak": render_soak,
+    "demo": render_demo, "ui": render_ui,
     "headline": render_headline,
 }
 

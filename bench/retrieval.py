@@ -239,10 +239,14 @@ def bench_milvus(base: np.ndarray, ids: list[str], queries: np.ndarray, measure,
             t = time.perf_counter()
             index.add(ids, base)
             index._c.flush(name)
+            deadline = time.monotonic() + args.milvus_build_timeout
             while True:  # the server builds the index in the background: wait until every row is in it
                 info = index._c.describe_index(name, index_name="vector")
                 if int(info.get("indexed_rows", 0)) >= n and int(info.get("pending_index_rows", 0)) == 0:
                     break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"Milvus indexed {info.get('indexed_rows', 0)} of {n} rows of {name} in "
+                                       f"{args.milvus_build_timeout:.0f} s (--milvus-build-timeout)")
                 time.sleep(1)
             index._c.release_collection(name)
             index._c.load_collection(name)  # serve the sealed, indexed segments
@@ -288,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--milvus-uri", default="", help="measure this running Milvus server instead of starting one")
     p.add_argument("--milvus-consistency", default="Session", help="read consistency of the Milvus searches "
                    "(mildnet's default Session; Strong waits for the server's time tick, ~0.5 s a call)")
+    p.add_argument("--milvus-build-timeout", type=float, default=3 * 3600,
+                   help="seconds to wait for the server to index every row before giving up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)

@@ -277,3 +277,42 @@ def test_server_start_on_a_busy_port_is_a_clear_error(tmp_path):
         port = busy.getsockname()[1]
         with pytest.raises(MilvusServerError, match=f"127.0.0.1:{port} is in use"):
             MilvusServer(tmp_path / "data", port=port).start(timeout=60)
+
+
+def test_retrieval_bench_measures_the_server_beside_faiss(milvus_server, tmp_path, monkeypatch):
+    """bench/retrieval.py --milvus-uri, for real at a tiny size: Milvus rows beside FAISS's flat of the same run,
+    its collections dropped afterwards, and the generated docs block renders from that file."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from bench import report
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / next(iter(report.MILVUS_FILES))
+    cmd = [sys.executable, str(root / "bench" / "retrieval.py"), "--sizes", "3000", "--dims", "32", "--queries", "50",
+           "--repeats", "1", "--latency-queries", "5", "--kinds", "auto", "--ef-search", "64", "--nprobe", "16",
+           "--threads", "1", "--clusters", "50", "--force", "--milvus-uri", milvus_server.uri, "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    rows = {r["index"]: r for r in data["rows"]}
+    assert set(rows) == {"flat", "auto", "milvus-hnsw", "milvus-ivfflat"}
+    for name in ("milvus-hnsw", "milvus-ivfflat"):
+        r = rows[name]
+        assert r["flat_qps"] == rows["flat"]["qps"] and r["recall@10"] >= 0.8, r
+        assert r["build_s"] > 0 and not r["shipped_defaults"]
+    assert rows["milvus-hnsw"]["params"] == {"M": 16, "efConstruction": 40, "ef": 64, "consistency": "Session"}
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=milvus_server.uri)
+    try:
+        assert not [c for c in client.list_collections() if c.startswith("bench_")]  # dropped after measuring
+    finally:
+        client.close()
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    block = report.render_milvus()
+    assert "| 3,000 x 32 | Milvus server | milvus-hnsw |" in block
+    assert "| 3,000 x 32 | FAISS in-process | flat |" in block
+    assert "FAISS `auto` (flat)" in block and "50 queries, the same vectors" in block

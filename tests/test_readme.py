@@ -124,6 +124,11 @@ SETTINGS_EDITS = {
                                             for m in d["models"].values() for r in m["triton"][:1]]),
                 ["cores 0, 1, 2 with 3 torch thread(s)", "load generator on core 3", "at most 9.5 ms of CPU",
                  "at most 50% busy"]),
+    "milvus": ("retrieval_milvus_1024.json",
+               lambda d: (d["settings"].update(queries=123, threads=5, repeats=4, milvus_consistency="Strong"),
+                          d.__setitem__("complete", False)),
+               ["123 queries, the same vectors", "at `Strong` consistency", "FAISS with 5 threads", "best of 4 batched calls",
+                "**partial**"]),
     "zoo": ("models.json", lambda d: d["settings"].update(threads=5, size=160, reps=4),
             ["CPU, 5 threads, 160x160 input", "best of 4 runs"]),
 }
@@ -149,7 +154,7 @@ def test_report_types_no_setting_as_prose():
 
 
 def test_no_result_json_records_an_absolute_path_in_the_files_this_change_renders(report):
-    for name in report.RETRIEVAL_FILES:
+    for name in [*report.RETRIEVAL_FILES, *report.MILVUS_FILES]:
         path = report.RESULTS / name
         data = json.loads(path.read_text()) if path.exists() else {}
         if "load_average" in data:  # written by the current bench
@@ -207,3 +212,13 @@ def test_index_table_shows_only_rows_beside_their_own_flat(report, results_copy,
     shown = [line for line in text.splitlines() if line.startswith("| 3,000 x 32")]
     assert len(shown) == 4 and any("| flat |" in line for line in shown)
     assert "retrieval_1024.json`: not yet measured on the shipped index" in text
+
+
+def test_milvus_block_shows_each_size_once_from_the_first_file_listed(report, results_copy):
+    first, second = report.MILVUS_FILES
+    data = json.loads((results_copy / second).read_text())
+    rerun = dict(data, rows=[dict(r, qps=12345.0) for r in data["rows"] if r["n"] == 100_000])
+    (results_copy / first).write_text(json.dumps(rerun))
+    block = report.render_milvus()
+    assert block.count("| 100,000 x 1024 | FAISS in-process | flat |") == 1
+    assert "| 12,345 |" in block and "Its 100,000 x 1024 rows are not shown" in block
