@@ -127,8 +127,8 @@ SETTINGS_EDITS = {
     "milvus": ("retrieval_milvus_1024.json",
                lambda d: (d["settings"].update(queries=123, threads=5, repeats=4, milvus_consistency="Strong"),
                           d.__setitem__("complete", False)),
-               ["123 queries, the same vectors", "at `Strong` consistency", "FAISS with 5 threads", "best of 4 batched calls",
-                "**partial**"]),
+               ["123 queries, the same vectors", "at `Strong` consistency", "FAISS with 5 threads",
+                "best of 4 batched calls", "**partial**"]),
     "zoo": ("models.json", lambda d: d["settings"].update(threads=5, size=160, reps=4),
             ["CPU, 5 threads, 160x160 input", "best of 4 runs"]),
 }
