@@ -236,11 +236,9 @@ def _reading(res: dict) -> str:
             d = ours.get("vs_zero_shot", {}).get(key)
             if d:
                 where["clearly above" if d["lo"] > 0 else "clearly below" if d["hi"] < 0 else level].append(label)
-
-        def margin(sp: dict) -> float:
-            return sp["spread"]["same_class_mean_cosine"] - sp["spread"]["other_class_mean_cosine"]
         lines.append(f"- {title}: " + "; ".join(f"{w} on {', '.join(labels)}" for w, labels in where.items() if labels)
-                     + f". Same-class minus other-class cosine {margin(ours):.3f} (the backbone's {margin(base):.3f}).")
+                     + f". Same-class minus other-class cosine {ours['spread']['margin']:.3f} (the backbone's "
+                     f"{base['spread']['margin']:.3f}).")
     kd, zk = res["settings"].get("kind_dev"), res.get("study_zero_shot_dev_kind")
     if kd and zk and res.get("study"):
         floor = sum(zk[k]["value"] for k in kd["metrics"]) / len(kd["metrics"])
@@ -362,11 +360,23 @@ def _retrieval(name: str) -> dict | None:
     return data if "load_average" in data and data.get("measures", "").startswith("mildnet.index") else None
 
 
+def _params(params: dict) -> str:
+    """A row's settings as ``k=v, ...`` (the read consistency of Milvus rows is said once, beside the table)."""
+    return ", ".join(f"{k}={v}" for k, v in params.items() if k != "consistency")
+
+
+def _by_size(rows: list[dict]) -> dict[tuple[int, int], list[dict]]:
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["n"], r["dim"]), []).append(r)
+    return groups
+
+
 def _index_row(r: dict) -> list:
-    params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "shipped defaults"
     kind = r["index"] if r["index"] == r["built_kind"] else f"{r['index']} ({r['built_kind']})"
-    return [f"{r['n']:,} x {r['dim']}", kind, params, f"{r['recall@10']:.3f}", f"{r['qps']:,.0f}",
-            f"{r['latency_ms']:.2f}", f"{r['speedup_vs_flat']:.1f}x", f"{r['build_s']:.0f}", f"{r['index_mb']:,.0f}"]
+    return [f"{r['n']:,} x {r['dim']}", kind, _params(r["params"]) or "shipped defaults", f"{r['recall@10']:.3f}",
+            f"{r['qps']:,.0f}", f"{r['latency_ms']:.2f}", f"{r['speedup_vs_flat']:.1f}x", f"{r['build_s']:.0f}",
+            f"{r['index_mb']:,.0f}"]
 
 
 def render_index() -> str:
@@ -378,10 +388,7 @@ def render_index() -> str:
                          "quiet machine.")
             continue
         target, st = data["target"], data["settings"]
-        groups: dict[tuple[int, int], list[dict]] = {}
-        for r in data["rows"]:
-            groups.setdefault((r["n"], r["dim"]), []).append(r)
-        for (n, dim), group in sorted(groups.items()):
+        for (n, dim), group in sorted(_by_size(data["rows"]).items()):
             flat = [r for r in group if r["index"] == "flat"]
             if not flat:  # a row is shown only beside the baseline it was divided by
                 continue
@@ -400,7 +407,7 @@ def render_index() -> str:
             a, b = v["auto"], v["best"]
             auto = (f"`auto` built {a['built_kind']}, recall@10 {a['recall@10']:.3f} at {a['speedup_vs_flat']:.1f}x "
                     f"flat: {verdict(v['auto_target_met'])}") if a else "`auto` not measured"
-            best = (f"best {b['index']} ({', '.join(f'{k}={x}' for k, x in b['params'].items())}) at recall@10 "
+            best = (f"best {b['index']} ({_params(b['params'])}) at recall@10 "
                     f"{b['recall@10']:.3f}, {b['speedup_vs_flat']:.1f}x") if b else "no row reached the recall target"
             notes.append(f"  {v['n']:,} x {v['dim']}: {auto}; {best}.")
         out.append(source([name], command))
@@ -435,12 +442,11 @@ MILVUS_FILES = {
 
 
 def _engine_row(r: dict) -> list:
+    """:func:`_index_row` with the engine named and what its memory figure covers."""
     server = r["index"].startswith("milvus-")
-    kind = r["index"] if r["index"] == r["built_kind"] else f"{r['index']} ({r['built_kind']})"
-    params = ", ".join(f"{k}={v}" for k, v in r["params"].items() if k != "consistency") or "shipped defaults"
-    return [f"{r['n']:,} x {r['dim']}", "Milvus server" if server else "FAISS in-process", kind, params,
-            f"{r['recall@10']:.3f}", f"{r['qps']:,.0f}", f"{r['latency_ms']:.2f}", f"{r['speedup_vs_flat']:.1f}x",
-            f"{r['build_s']:.0f}", f"{r['index_mb']:,.0f} ({'server' if server else 'index'})"]
+    vectors, *cells, mb = _index_row(r)
+    return [vectors, "Milvus server" if server else "FAISS in-process", *cells,
+            f"{mb} ({'server' if server else 'index'})"]
 
 
 def _milvus_summary(group: list[dict], recall: float) -> str:
@@ -451,11 +457,11 @@ def _milvus_summary(group: list[dict], recall: float) -> str:
     best = max(good, key=lambda r: r["qps"]) if good else max(milvus, key=lambda r: r["recall@10"], default=None)
     if auto is None or best is None:
         return ""
-    setting = ", ".join(f"{k}={v}" for k, v in best["params"].items() if k not in ("consistency",))
     return (f"- {auto['n']:,} x {auto['dim']}: FAISS `auto` ({auto['built_kind']}) recall@10 {auto['recall@10']:.3f}, "
             f"{auto['qps']:,.0f} queries/s, {auto['latency_ms']:.2f} ms per single query, built in "
             f"{auto['build_s']:.0f} s; Milvus {'fastest at' if good else 'nothing reached'} recall@10 >= {recall}"
-            f"{'' if good else ', most accurate'}: {best['index']} ({setting}) recall@10 {best['recall@10']:.3f}, "
+            f"{'' if good else ', most accurate'}: {best['index']} ({_params(best['params'])}) recall@10 "
+            f"{best['recall@10']:.3f}, "
             f"{best['qps']:,.0f} queries/s, {best['latency_ms']:.2f} ms per single query, built in "
             f"{best['build_s']:.0f} s (load average {auto['load_1m_before']} when this size started).")
 
@@ -479,9 +485,7 @@ def render_milvus() -> str:
             notes.append(f"- `bench/results/{name}`: not yet measured against a Milvus server; run `{command}` on a "
                          "quiet machine.")
             continue
-        groups: dict[tuple[int, int], list[dict]] = {}
-        for r in data["rows"]:
-            groups.setdefault((r["n"], r["dim"]), []).append(r)
+        groups = _by_size(data["rows"])
         later = [f"{n:,} x {dim}" for n, dim in groups if (n, dim) in shown]
         for key, group in groups.items():
             if key not in shown:

@@ -6,12 +6,15 @@ that fails the run, never a silent skip. Users who do not install them set MILDN
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,11 +285,7 @@ def test_server_start_on_a_busy_port_is_a_clear_error(tmp_path):
 def test_retrieval_bench_measures_the_server_beside_faiss(milvus_server, tmp_path, monkeypatch):
     """bench/retrieval.py --milvus-uri, for real at a tiny size: Milvus rows beside FAISS's flat of the same run,
     its collections dropped afterwards, and the generated docs block renders from that file."""
-    import json
-    import sys
-    from pathlib import Path
-
-    from bench import report
+    from bench import report  # the checkout root is on sys.path: pytest.ini's pythonpath
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / next(iter(report.MILVUS_FILES))
@@ -303,9 +302,7 @@ def test_retrieval_bench_measures_the_server_beside_faiss(milvus_server, tmp_pat
         assert r["flat_qps"] == rows["flat"]["qps"] and r["recall@10"] >= 0.8, r
         assert r["build_s"] > 0 and not r["shipped_defaults"]
     assert rows["milvus-hnsw"]["params"] == {"M": 16, "efConstruction": 40, "ef": 64, "consistency": "Session"}
-    from pymilvus import MilvusClient
-
-    client = MilvusClient(uri=milvus_server.uri)
+    client = pymilvus.MilvusClient(uri=milvus_server.uri)
     try:
         assert not [c for c in client.list_collections() if c.startswith("bench_")]  # dropped after measuring
     finally:
