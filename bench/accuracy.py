@@ -48,16 +48,19 @@ REPORTED = {"unseen_products": ("test_unseen", "test_seen"), "unseen_kind": ("te
 SPLIT_NAMES = {("unseen_products", "test_unseen"): "unseen products", ("unseen_kind", "test_unseen"): "unseen kind",
                ("unseen_products", "test_seen"): "seen products"}
 # The settings study: the recipe as it stood before it (STUDY_BASE: the previous study's choice) and candidates
-# that each change it (most in one way; "residual_epochs_20" in two); the one with the best dev score is what the
+# that each change it (in one way or a few, as the name says); the one with the best study score is what the
 # reported rows train, and MetricConfig's defaults are set to it (tests/test_protocol.py checks that they agree
 # with bench/results/accuracy.json).
 STUDY_BASE = {"loss": "proxy_anchor", "catalogue_views": 8, "catalogue_share": 0.5, "final_relu": False,
-              "residual": False, "epochs": 12, "lr": 1e-4}
+              "residual": False, "centre": False, "epochs": 12, "lr": 1e-4}
 STUDY = {"default": {}, "multi_similarity": {"loss": "multi_similarity"}, "norm_softmax": {"loss": "norm_softmax"},
          "no_catalogue_views": {"catalogue_views": 0}, "final_relu": {"final_relu": True},
          "epochs_20": {"epochs": 20}, "residual": {"residual": True},
          "residual_epochs_20": {"residual": True, "epochs": 20},
-         "residual_epochs_20_lr_3e-5": {"residual": True, "epochs": 20, "lr": 3e-5}}
+         "residual_epochs_20_lr_3e-5": {"residual": True, "epochs": 20, "lr": 3e-5},
+         "residual_epochs_20_centre": {"residual": True, "epochs": 20, "centre": True},
+         "residual_epochs_20_lr_3e-5_centre": {"residual": True, "epochs": 20, "lr": 3e-5, "centre": True},
+         "residual_epochs_20_lr_3e-5_photo_views_2": {"residual": True, "epochs": 20, "lr": 3e-5, "photo_views": 2}}
 STUDY_SCHEME = "unseen_products"
 # The unseen-kind property gets a dev of its own: with the reported kind (KIND_TEST) never read, each candidate
 # trains a second time with one more kind (KIND_DEV) held out, whose photos are then scored as never seen
@@ -91,6 +94,13 @@ def _embed_zero_shot(model_name: str, pooled: torch.Tensor, taps_model, input_si
     out = F.normalize(torch.nan_to_num(pooled[:, -zs.embedding_dim:]), dim=1).numpy()
     out[~torch.isfinite(pooled).all(1).numpy()] = np.nan
     return out
+
+
+def _centred(emb: np.ndarray, rows: list[int]) -> np.ndarray:
+    """``emb`` minus its mean over ``rows`` (a split's training images), L2 again: the zero-shot backbone with
+    the one thing the default recipe's centring adds, so the table shows what training adds beyond it."""
+    out = emb - np.nanmean(emb[rows], axis=0)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 def _paper_recipe(items, split, pooled, work: Path, args) -> tuple:
@@ -169,11 +179,10 @@ def main() -> int:
     shop = [i for i, it in enumerate(items) if it.domain == "shop"]
     n_views = max(base.catalogue_views, *(c.get("catalogue_views", 0) for c in STUDY.values()))
     # pooled taps are a pure function of (images, model, size, seed): kept in the work folder for a rerun
-    key = {"paths": [str(it.path) for it in items], "model": args.model, "size": args.input_size,
-           "views": n_views, "seed": args.seed}
+    key = {"paths": [str(it.path) for it in items], "model": args.model, "size": args.input_size, "seed": args.seed}
     stash = work / "pooled.pt"
     saved = torch.load(stash, weights_only=True) if stash.is_file() else None
-    if saved is not None and json.loads(saved["key"]) == key:
+    if saved is not None and json.loads(saved["key"]) == {**key, "views": n_views}:
         pooled, view_table, pool_seconds = saved["pooled"], saved["views"], float(saved["seconds"])
         pool_load = saved.get("load_average", "not recorded")
     else:
@@ -181,9 +190,25 @@ def main() -> int:
         view_table = pool_views(taps_model, items, shop, n_views, seed=args.seed)  # (V, len(shop), F)
         pool_seconds = round(time.time() - t0, 1)
         pool_load = f"{load_start[0]:.1f} to {os.getloadavg()[0]:.1f}"
-        torch.save({"key": json.dumps(key), "pooled": pooled, "views": view_table, "seconds": pool_seconds,
-                    "load_average": pool_load}, stash)
+        torch.save({"key": json.dumps({**key, "views": n_views}), "pooled": pooled, "views": view_table,
+                    "seconds": pool_seconds, "load_average": pool_load}, stash)
     views = dict(zip(shop, view_table.unbind(1)))
+    # augmented copies of every photo, for the candidates that train on them (a stash of their own)
+    photos = [i for i, it in enumerate(items) if it.domain == "street"]
+    n_photo_views = max(base.photo_views, *(c.get("photo_views", 0) for c in STUDY.values()))
+    photo_seconds = 0.0
+    if n_photo_views:
+        stash = work / "photo_views.pt"
+        saved = torch.load(stash, weights_only=True) if stash.is_file() else None
+        if saved is not None and json.loads(saved["key"]) == {**key, "views": n_photo_views}:
+            photo_table, photo_seconds = saved["views"], float(saved["seconds"])
+        else:
+            t1 = time.time()
+            photo_table = pool_views(taps_model, items, photos, n_photo_views, seed=args.seed)  # (V, photos, F)
+            photo_seconds = round(time.time() - t1, 1)
+            torch.save({"key": json.dumps({**key, "views": n_photo_views}), "views": photo_table,
+                        "seconds": photo_seconds}, stash)
+        views.update(zip(photos, photo_table.unbind(1)))
     zero_shot = _embed_zero_shot(args.zero_shot, pooled, taps_model, args.input_size)
     result = {"benchmark": "accuracy", "dataset": "Grocery Store (train + val photos, 81 catalogue images)",
               "settings": {"model": args.model, "zero_shot": args.zero_shot, "input_size": args.input_size,
@@ -195,7 +220,8 @@ def main() -> int:
               "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(),
                           "load_average_start": load_start},
               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "pool_seconds": pool_seconds, "pool_load_average": pool_load, "study": {}, "schemes": {}}
+              "pool_seconds": pool_seconds, "pool_load_average": pool_load, "photo_views": n_photo_views,
+              "photo_view_seconds": photo_seconds, "study": {}, "schemes": {}}
 
     def save() -> None:
         result["machine"]["load_average_end"] = os.getloadavg()
@@ -206,7 +232,7 @@ def main() -> int:
         res = finished_run(cfg) or train_metric(cfg, items, split, pooled=pooled, views=views)
         print(f"{split.scheme} {name}: epoch {res['best']['epoch']} dev score {res['best']['selection_score']:.4f} "
               f"({res['seconds']:.0f} s)", flush=True)
-        info = {"kind": "trained", "recipe": asdict_recipe(cfg), "seconds": res["seconds"],
+        info = {"kind": "trained", "recipe": cfg.recipe(), "seconds": res["seconds"],
                 "best_epoch": res["best"]["epoch"], "dev_selection_score": res["best"]["selection_score"],
                 "dev": res["best"]["dev"], "selected_by": "best dev selection score over epochs",
                 "history": res["history"]}
@@ -240,7 +266,7 @@ def main() -> int:
         chosen = STUDY[best]
         result["settings"]["chosen"] = {"candidate": best, "change": chosen}
     recipe = dataclasses.replace(base, **chosen)
-    result["settings"]["recipe"] = asdict_recipe(recipe)
+    result["settings"]["recipe"] = recipe.recipe()
 
     # 2. the reported splits, touched once: ours (the chosen recipe), the paper's recipe, the zero-shot backbone
     for scheme in [s for s in args.schemes.split(",") if s]:
@@ -255,14 +281,17 @@ def main() -> int:
             model, pinfo = _paper_recipe(items, split, pooled, work / scheme / "paper", args)
             entry["models"]["paper"] = {"kind": "trained", **pinfo, "_emb": embed_pooled_rows(model, pooled)}
         entry["models"][args.zero_shot] = {"kind": "zero-shot", "_emb": zero_shot}
-        for role in REPORTED[scheme]:
-            base_rep, _ = _metrics(zero_shot, items, split.roles[role], split.catalogue, args.bootstrap)
+        centred = _centred(zero_shot, split.training_images())
+        entry["models"][f"{args.zero_shot}_centred"] = {"kind": "zero-shot, centred", "_emb": centred}
+        for role in REPORTED[scheme]:  # each trained model against both backbones, query by query
+            base_reps = {key: _metrics(emb, items, split.roles[role], split.catalogue, args.bootstrap)[0]
+                         for key, emb in (("vs_zero_shot", zero_shot), ("vs_centred_zero_shot", centred))}
             for name, m in entry["models"].items():
                 rep, summary = _metrics(m["_emb"], items, split.roles[role], split.catalogue, args.bootstrap)
                 if m["kind"] == "trained":
-                    summary["vs_zero_shot"] = {k: paired_interval(rep["per_query"][k], base_rep["per_query"][k],
-                                                                  n_boot=args.bootstrap)
-                                               for k in rep["per_query"]}
+                    for key, base_rep in base_reps.items():
+                        summary[key] = {k: paired_interval(rep["per_query"][k], base_rep["per_query"][k],
+                                                           n_boot=args.bootstrap) for k in rep["per_query"]}
                 m.setdefault("splits", {})[role] = summary
         for m in entry["models"].values():
             m.pop("_emb")
@@ -295,10 +324,6 @@ def finished_run(cfg: MetricConfig) -> dict | None:
         return None
 
 
-def asdict_recipe(cfg: MetricConfig) -> dict:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "progress", "threads")}
-
-
 def targets(result: dict, zs: str) -> dict:
     """The issue's targets, each with the measured figures (points = percentage points)."""
     def val(scheme, role, model, metric):
@@ -329,8 +354,10 @@ def targets(result: dict, zs: str) -> dict:
             margins.append(sp["spread"]["margin"] - e["models"][zs]["splits"][r]["spread"]["margin"])
     out["margin_at_least_backbone_every_split"] = {"worst_difference": min(margins), "met": min(margins) >= 0}
     seconds = max(e["models"]["ours"]["seconds"] for e in result["schemes"].values())
-    out["train_minutes_<=15"] = {"minutes_including_pooling": (seconds + result["pool_seconds"]) / 60,
-                                 "met": (seconds + result["pool_seconds"]) <= 900}
+    # pooling the photo copies counts when the recipe trains on them (all photos are pooled: an upper bound)
+    seconds += result["pool_seconds"] + (result.get("photo_view_seconds", 0)
+                                         if result["settings"]["recipe"].get("photo_views") else 0)
+    out["train_minutes_<=15"] = {"minutes_including_pooling": seconds / 60, "met": seconds <= 900}
     return out
 
 

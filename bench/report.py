@@ -140,7 +140,7 @@ def render_accuracy() -> str:
             if role not in m.get("splits", {}):
                 continue
             sp = m["splits"][role]
-            label = f"`{zs}`, zero-shot" if m["kind"] == "zero-shot" else MODEL_LABELS.get(model, model)
+            label = f"`{zs}`, {m['kind']}" if m["kind"].startswith("zero-shot") else MODEL_LABELS.get(model, model)
             rows.append([label, *[_ci(sp["metrics"][k]) for k, _ in ACC_COLUMNS],
                          f"{sp['spread']['same_class_mean_cosine']:.2f} / {sp['spread']['other_class_mean_cosine']:.2f}",
                          f"{sp['spread']['catalogue_mean_cosine']:.2f}"])
@@ -159,13 +159,20 @@ def render_accuracy() -> str:
             f"-image catalogue. Input {st['input_size']} px, backbone `{st['model']}`{backbone}. "
             f"Default recipe: {r['loss'].replace('_', '-')} loss on batches of {r['P']} products x {r['K']} images "
             f"(each slot but a product's first is its catalogue image with chance {r['catalogue_share']:g}; "
-            f"{r['catalogue_views']} augmented copies of each catalogue image), "
+            f"{r['catalogue_views']} augmented copies of each catalogue image"
+            + (f", {r['photo_views']} of each photo" if r.get("photo_views") else "") + "), "
             + ("a residual head (the zero-shot embedding plus a learned correction that starts at zero)"
                if r.get("residual") else f"head {'with' if r['final_relu'] else 'without'} its final ReLU")
+            + (", the output centred (the mean embedding of the training images subtracted, folded into the last "
+               "bias)" if r.get("centre") else "")
             + f", AdamW lr {r['lr']:g}, weight decay "
             f"{r['weight_decay']:g}, {r['epochs']} epochs, the best dev epoch kept"
             + (f" (settings: candidate `{chosen['candidate']}` of the study below)" if chosen else "")
-            + f". Selection: {st['selection']}. Paper's recipe: {_paper_recipe(paper)}.", ""]
+            + f". Selection: {st['selection']}. Paper's recipe: {_paper_recipe(paper)}."
+            + (f" `{zs}`, zero-shot, centred: the backbone minus the mean embedding of the split's training images"
+               " (what centring alone gives, without training)."
+               if any(m["kind"] == "zero-shot, centred" for m in res["schemes"]["unseen_products"]["models"].values())
+               else ""), ""]
     pairs = []
     for scheme, role, title in SPLIT_TITLES:
         vs = res["schemes"].get(scheme, {}).get("models", {}).get("ours", {}).get("splits", {}).get(role, {})
@@ -178,7 +185,10 @@ def render_accuracy() -> str:
     out += ["Default recipe minus the zero-shot backbone, in points, on the same queries (paired bootstrap, 95 %): "
             + "; ".join(pairs) + ".", "", _reading(res), "",
             f"Time: pooling every image's taps and {r['catalogue_views']} copies of each catalogue image "
-            f"{res['pool_seconds'] / 60:.1f} min, then {res['schemes']['unseen_products']['models']['ours']['seconds'] / 60:.1f}"
+            f"{res['pool_seconds'] / 60:.1f} min"
+            + (f", {res['photo_views']} copies of every photo {res['photo_view_seconds'] / 60:.1f} min"
+               if r.get("photo_views") else "")
+            + f", then {res['schemes']['unseen_products']['models']['ours']['seconds'] / 60:.1f}"
             f" min to train the default recipe, on {m['cpu_count']} cores shared with other work (load average "
             f"{m['load_average_start'][0]:.1f} at the start of the run, {m['load_average_end'][0]:.1f} at its end; "
             f"{res.get('pool_load_average', 'not recorded')} while pooling).", ""]
@@ -220,9 +230,22 @@ def render_accuracy() -> str:
     return "\n".join(out)
 
 
+def _where(vs: dict) -> str:
+    """Paired intervals ``{metric: {"lo", "hi", ...}}`` of the PAIRED metrics in words: clearly above, level
+    (the interval holds zero) or clearly below."""
+    level = "level (the interval holds zero)"
+    where: dict[str, list[str]] = {"clearly above": [], level: [], "clearly below": []}
+    for key, label in PAIRED:
+        d = vs.get(key)
+        if d:
+            where["clearly above" if d["lo"] > 0 else "clearly below" if d["hi"] < 0 else level].append(label)
+    return "; ".join(f"{w} on {', '.join(labels)}" for w, labels in where.items() if labels)
+
+
 def _reading(res: dict) -> str:
-    """The paired intervals in words (clearly above, level, clearly below the backbone), the same-class margin
-    beside the backbone's, and which study candidates kept the never-seen kind above the backbone."""
+    """The paired intervals in words (clearly above, level, clearly below the backbone, and the centred backbone
+    where the file has it), the same-class margin beside theirs, which study candidates kept the never-seen kind
+    above the backbone, and how far the chosen candidate was ahead."""
     zs = res["settings"]["zero_shot"]
     lines = ["Read plainly, the default recipe against the zero-shot backbone, on the same queries:"]
     for scheme, role, title in SPLIT_TITLES:
@@ -230,15 +253,13 @@ def _reading(res: dict) -> str:
         if role not in models.get("ours", {}).get("splits", {}):
             continue
         ours, base = models["ours"]["splits"][role], models[zs]["splits"][role]
-        level = "level (the interval holds zero)"
-        where: dict[str, list[str]] = {"clearly above": [], level: [], "clearly below": []}
-        for key, label in PAIRED:
-            d = ours.get("vs_zero_shot", {}).get(key)
-            if d:
-                where["clearly above" if d["lo"] > 0 else "clearly below" if d["hi"] < 0 else level].append(label)
-        lines.append(f"- {title}: " + "; ".join(f"{w} on {', '.join(labels)}" for w, labels in where.items() if labels)
-                     + f". Same-class minus other-class cosine {ours['spread']['margin']:.3f} (the backbone's "
-                     f"{base['spread']['margin']:.3f}).")
+        centred = models.get(f"{zs}_centred", {}).get("splits", {}).get(role)
+        line = (f"- {title}: {_where(ours.get('vs_zero_shot', {}))}. Same-class minus other-class cosine "
+                f"{ours['spread']['margin']:.3f} (the backbone's {base['spread']['margin']:.3f}"
+                + (f", the centred backbone's {centred['spread']['margin']:.3f}" if centred else "") + ").")
+        if "vs_centred_zero_shot" in ours:
+            line += f" Against the centred backbone: {_where(ours['vs_centred_zero_shot'])}."
+        lines.append(line)
     kd, zk = res["settings"].get("kind_dev"), res.get("study_zero_shot_dev_kind")
     if kd and zk and res.get("study"):
         floor = sum(zk[k]["value"] for k in kd["metrics"]) / len(kd["metrics"])
@@ -246,6 +267,11 @@ def _reading(res: dict) -> str:
         below = [f"`{c}`" for c, m in res["study"].items() if m["dev_kind_score"] <= floor]
         lines.append(f"- Study, kind dev ({kd['held_out']} never trained on): above the zero-shot backbone's score "
                      f"({floor:.3f}): {', '.join(above) or 'none'}; at or below it: {', '.join(below) or 'none'}.")
+    ranked = sorted(res.get("study", {}).items(), key=lambda kv: -kv[1].get("study_score", float("-inf")))
+    if len(ranked) > 1 and "study_score" in ranked[0][1]:
+        (first, a), (second, b) = ranked[:2]
+        lines.append(f"- Study: `{first}` chosen with study score {a['study_score']:.3f}, the runner-up `{second}` "
+                     f"{b['study_score']:.3f} (a difference of {a['study_score'] - b['study_score']:.3f}).")
     return "\n".join(lines)
 
 

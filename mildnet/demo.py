@@ -245,7 +245,8 @@ def train_model(args, data: DemoData, work: Path, data_key: str, cwd: Path) -> P
     train split's photos only, and chooses its epoch on products and photos it holds out of that."""
     catalogue = write_catalogue(data.items, work / "data" / data_key / "catalogue.jsonl", root=data.root)
     flags = ["--model", args.model, "--input-size", args.input_size, "--epochs", args.epochs, "--seed", 0]
-    out = work / "train" / settings_key(data=data_key, flags=flags, recipe="catalogue")
+    # the recipe's defaults name the folder too: a new default recipe never reuses a run of the old one
+    out = work / "train" / settings_key(data=data_key, flags=flags, recipe=MetricConfig().recipe())
     best, metrics = out / "best.pt", out / "metrics.json"
     if best.is_file() and metrics.is_file():
         print(f"reusing the checkpoint {best}")

@@ -16,10 +16,11 @@ tells apart. What else changes is how the head learns:
   it does read (``dev_seen``). The checkpoint kept is the epoch with the best :func:`selection_score`.
 
 The backbone is frozen, so each image's pooled taps are computed once, and ``catalogue_views`` augmented copies
-of each training catalogue image (one clean shot per product is all the catalogue side has to learn from); the
-head trains on them: minutes on a CPU. The run folder holds ``best.pt`` (a
-mildnet checkpoint), ``metrics.json`` and ``curves.png`` (dev metrics per epoch), and the decoded-image cache
-``images_<size>.pt`` (reused by a rerun on the same images).
+of each training catalogue image (one clean shot per product is all the catalogue side has to learn from) and
+``photo_views`` of each photo; the head trains on them: minutes on a CPU. ``centre`` subtracts the training
+images' mean embedding from the kept head (folded into its last bias, :func:`mildnet.models.head.centre_head`).
+The run folder holds ``best.pt`` (a mildnet checkpoint), ``metrics.json`` and ``curves.png`` (dev metrics per
+epoch), and the decoded-image cache ``images_<size>.pt`` (reused by a rerun on the same images).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from .imageio import normalize
 from .losses import BATCH_LOSSES, NormSoftmax, ProxyAnchor, multi_similarity
 from .metrics import split_report, summarise
 from .models import create
+from .models.head import centre_head, output_layer
 
 __all__ = ["MetricConfig", "selection_score", "pool_items", "pool_views", "embed_pooled_rows", "train_metric",
            "SELECTION_METRICS"]
@@ -73,7 +75,9 @@ class MetricConfig:
     dropout: float = 0.5
     final_relu: bool = False  # see DenseHead: the paper's VGG head ends in a ReLU, its Mobile head does not
     residual: bool = True  # ResidualHead: start at the zero-shot embedding (chosen on the dev split; docs/results.md)
+    centre: bool = True  # subtract the training images' mean embedding (folded into a bias; chosen on the dev split)
     catalogue_views: int = 8  # augmented copies of each training catalogue image, pooled once (0: none)
+    photo_views: int = 0  # augmented copies of each training photo, pooled once (0: none; chosen on the dev split)
     seed: int = 0
     threads: int | None = None
     progress: bool = True
@@ -84,6 +88,15 @@ class MetricConfig:
         for name in ("lr", "epochs", "P", "K"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("catalogue_views", "photo_views"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.centre and self.final_relu and not self.residual:
+            raise UsageError("centre needs a head that ends in a linear layer: set final_relu False or residual True")
+
+    def recipe(self) -> dict:
+        """The settings that decide what is trained (not where it goes, nor how it is shown or run)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("out", "progress", "threads")}
 
 
 def selection_score(dev: dict[str, dict[str, dict[str, float]]]) -> float:
@@ -113,7 +126,7 @@ def pool_views(model, items: Sequence[CatalogueItem], indices: Sequence[int], vi
     was = model.training
     model.eval()
     try:
-        for v in tqdm(range(views), desc="pooling augmented catalogue images", disable=not progress, leave=False):
+        for v in tqdm(range(views), desc="pooling augmented copies", disable=not progress, leave=False):
             imgs = torch.stack([aug(cache.images[cache.index[items[i].path]],
                                     torch.Generator().manual_seed(_seed(seed, v, i))) for i in indices])
             for start in range(0, len(imgs), 64):
@@ -158,7 +171,7 @@ def train_metric(cfg: MetricConfig, items: Sequence[CatalogueItem], split: Proto
                  model=None) -> dict:
     """Train the head of ``cfg.model`` on ``split.training_images()`` with the recipe of the module
     docstring; keep the epoch with the best dev :func:`selection_score`. ``pooled`` (``Tensor[len(items),
-    pooled_dim]``) and ``views`` (item index -> ``Tensor[>= catalogue_views, pooled_dim]``, from
+    pooled_dim]``) and ``views`` (item index -> ``Tensor[>= catalogue_views or photo_views, pooled_dim]``, from
     :func:`pool_views`) skip the pooling passes (several runs on one catalogue share them).
     Returns ``{"best", "history", "out", "seconds", "model"}``."""
     from tqdm import tqdm
@@ -187,19 +200,25 @@ def train_metric(cfg: MetricConfig, items: Sequence[CatalogueItem], split: Proto
     products = sorted({items[i].item_id for i in train_idx})
     label_of = {p: k for k, p in enumerate(products)}
     labels = torch.tensor([label_of[items[i].item_id] for i in train_idx])
-    # (V + 1, N, pooled_dim): view 0 is every image as it is; views 1..V differ from it on catalogue images only
-    table = pooled[train_idx].unsqueeze(0).repeat(cfg.catalogue_views + 1, 1, 1)
-    shop_rows = [r for r, i in enumerate(train_idx) if items[i].domain == "shop"]
-    if cfg.catalogue_views and shop_rows:
-        shop_items = [train_idx[r] for r in shop_rows]
-        if views is None:
-            views = dict(zip(shop_items, pool_views(model, items, shop_items, cfg.catalogue_views, seed=cfg.seed,
-                                                    progress=cfg.progress).unbind(1)))
-        table[1:, shop_rows] = torch.stack([views[i][:cfg.catalogue_views] for i in shop_items], 1)
-    is_shop = torch.zeros(len(train_idx), dtype=torch.bool)
-    is_shop[shop_rows] = True
+    # (V + 1, N, pooled_dim): view 0 is every image as it is; views 1..n of a row are augmented copies of it, pooled
+    # once: n = catalogue_views for a catalogue image, photo_views for a photo (V = the larger; a row never draws
+    # beyond its n)
+    is_shop = torch.tensor([items[i].domain == "shop" for i in train_idx], dtype=torch.bool)
+    n_views = torch.where(is_shop, cfg.catalogue_views, cfg.photo_views)  # (N,)
+    table = pooled[train_idx].unsqueeze(0).repeat(int(n_views.max()) + 1, 1, 1)
+    views = dict(views or {})
+    for count, wanted in ((cfg.catalogue_views, is_shop), (cfg.photo_views, ~is_shop)):
+        rows = wanted.nonzero().flatten().tolist()
+        if not count or not rows:
+            continue
+        idx = [train_idx[r] for r in rows]
+        todo = [i for i in idx if len(views.get(i, ())) < count]
+        if todo:  # copy v of item i is a function of (seed, v, i): pooled here or by the caller, the same tensor
+            views.update(zip(todo, pool_views(model, items, todo, count, seed=cfg.seed,
+                                              progress=cfg.progress).unbind(1)))
+        table[1:count + 1, rows] = torch.stack([views[i][:count] for i in idx], 1)
     sampler = PKSampler([items[i].item_id for i in train_idx], P=cfg.P, K=cfg.K, seed=cfg.seed,
-                        is_catalogue=[items[i].domain == "shop" for i in train_idx],
+                        is_catalogue=is_shop.tolist(),
                         catalogue_share=cfg.catalogue_share)
     loss_mod = _loss_module(cfg, len(products), model.embedding_dim)
     groups = [{"params": list(model.trainable_parameters())}]
@@ -213,6 +232,11 @@ def train_metric(cfg: MetricConfig, items: Sequence[CatalogueItem], split: Proto
 
     def record(epoch: int, loss: float, seconds: float) -> None:
         nonlocal best, best_state
+        # what is scored and kept is the centred head (cfg.centre); training goes on from the uncentred one
+        bias = output_layer(model.head).bias if cfg.centre else None
+        trained_bias = bias.detach().clone() if cfg.centre else None
+        if cfg.centre:
+            centre_head(model.head, pooled[train_idx])
         dev = dev_metrics(model, pooled, items, split)
         score = selection_score(dev)
         row = {"epoch": epoch, "train_loss": loss, "selection_score": score, "seconds": round(seconds, 2),
@@ -223,6 +247,9 @@ def train_metric(cfg: MetricConfig, items: Sequence[CatalogueItem], split: Proto
         if epoch > 0 and (not best or key > best["key"] or key == best["key"] == -np.inf):
             best = {"epoch": epoch, "selection_score": score, "key": key, "dev": dev}
             best_state = copy.deepcopy(model.state_dict())
+        if cfg.centre:
+            with torch.no_grad():
+                bias.copy_(trained_bias)
         if cfg.progress:
             print(f"epoch {epoch}: loss {loss:.4f} | dev score {score:.4f}"
                   + (" *" if best.get("epoch") == epoch else ""), flush=True)
@@ -237,7 +264,7 @@ def train_metric(cfg: MetricConfig, items: Sequence[CatalogueItem], split: Proto
         total = 0.0
         for batch in tqdm(sampler, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False):
             b = torch.tensor(batch)
-            v = torch.randint(0, table.shape[0], (len(b),), generator=view_rng) * is_shop[b]  # photos: view 0
+            v = (torch.rand(len(b), generator=view_rng) * (n_views[b] + 1)).long()  # 0..n_views, uniform
             emb = model.embed_pooled(table[v, b])  # (P*K, D) unit
             loss = multi_similarity(emb, labels[b]) if loss_mod is None else loss_mod(emb, labels[b])
             opt.zero_grad(set_to_none=True)

@@ -3,6 +3,7 @@ fakes, then the whole pipeline on a small slice of Grocery against a real Triton
 checked against the index."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import re
@@ -10,6 +11,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ import pytest
 from mildnet import demo
 from mildnet.data.catalogue import CatalogueItem, load_catalogue, write_catalogue
 from mildnet.index import load_index
+from mildnet.metric_train import MetricConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,3 +192,18 @@ def test_demo_end_to_end_on_a_slice(tmp_path, grocery_root):
     lo = summary["locust"]
     assert lo["requests"] > 0 and lo["failures"] == 0 and lo["latency_ms"]["50"] is not None
     assert Path(lo["report"]).stat().st_size > 10_000
+
+
+def test_a_new_default_recipe_never_reuses_an_old_demo_run(tmp_path, monkeypatch):
+    """The demo reuses a finished training run only when the recipe's defaults are the same: its folder is named
+    after them as well as after the data and the flags."""
+    runs = []
+    monkeypatch.setattr(demo, "run_cmd", lambda cmd, **kw: runs.append(Path(cmd[cmd.index("--out") + 1])))
+    monkeypatch.setattr(demo, "write_catalogue", lambda *a, **kw: tmp_path / "catalogue.jsonl")
+    args = SimpleNamespace(model="mildnet_effnet_lite0", input_size=64, epochs=2)
+    data = SimpleNamespace(items=[], root=tmp_path)
+    demo.train_model(args, data, tmp_path, "data", tmp_path)
+    demo.train_model(args, data, tmp_path, "data", tmp_path)
+    monkeypatch.setattr(demo, "MetricConfig", lambda: dataclasses.replace(MetricConfig(), centre=False))
+    demo.train_model(args, data, tmp_path, "data", tmp_path)
+    assert runs[0] == runs[1] != runs[2]

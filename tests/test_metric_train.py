@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from mildnet.cli import main
-from mildnet.data.catalogue import grocery_catalogue
+from mildnet.data.catalogue import grocery_catalogue, load_catalogue
+from mildnet.data.splits import protocol_split
+from mildnet.errors import UsageError
+from mildnet.metric_train import MetricConfig, pool_items
 from mildnet.models import create, load_checkpoint
+from mildnet.models.head import DenseHead, ResidualHead, centre_head
 
 GROCERY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "grocery"
 
@@ -96,3 +100,72 @@ def test_residual_head_starts_at_the_zero_shot_backbone():
         torch.testing.assert_close(ours(x), zero_shot(x), atol=1e-5, rtol=1e-4)
         ours.head.correction[-1].weight.add_(0.01)  # any correction moves it
         assert not torch.allclose(ours(x), zero_shot(x), atol=1e-3)
+
+
+def test_centre_head_removes_the_mean_hand_computed():
+    """ResidualHead output = L2(last columns) + correction; with a zero correction the mean removed is the mean of
+    the normalised last columns, computed here by hand."""
+    head = ResidualHead(in_dim=4, last_dim=2, hidden=3, dropout=0.5)
+    pooled = torch.tensor([[1.0, 0.0, 3.0, 4.0], [0.0, 1.0, 0.0, 2.0]])  # last columns (3, 4) and (0, 2)
+    mean = centre_head(head, pooled)
+    torch.testing.assert_close(mean, torch.tensor([(0.6 + 0.0) / 2, (0.8 + 1.0) / 2]))
+    torch.testing.assert_close(head.correction[-1].bias, -mean)
+    torch.testing.assert_close(head.eval()(pooled), torch.tensor([[0.3, -0.1], [-0.3, 0.1]]))
+
+
+def test_centre_head_on_a_dense_head_and_its_refusal():
+    torch.manual_seed(0)
+    rows = torch.randn(5, 6)
+    linear_end = DenseHead(6, 4, dropout=0.5, final_relu=False)
+    centre_head(linear_end, rows)
+    torch.testing.assert_close(linear_end.eval()(rows).mean(0), torch.zeros(4), atol=1e-6, rtol=0)
+    assert linear_end.training is False  # eval() above; centre_head itself restores the mode it found
+    relu_end = DenseHead(6, 4, dropout=0.5, final_relu=True)
+    with pytest.raises(UsageError, match="cannot be centred"):
+        centre_head(relu_end, rows)
+    with pytest.raises(UsageError, match="centre needs a head that ends in a linear layer"):
+        MetricConfig(residual=False, final_relu=True, centre=True)
+
+
+def test_the_kept_head_is_centred_on_the_training_images(small_catalogue, trained):
+    """The checkpoint's embedding before L2 averages zero over the images it trained on (cfg.centre), the split
+    rebuilt as `mildnet train --catalogue` makes it."""
+    model = load_checkpoint(trained / "best.pt").eval()
+    assert json.loads((trained / "metrics.json").read_text())["config"]["centre"] is True
+    items = load_catalogue(small_catalogue, root=GROCERY / "dataset")
+    split = protocol_split(items, "unseen_products", seed=0, test_fraction=0.0, dev_fraction=0.2,
+                           dev_photo_fraction=0.15)
+    with torch.no_grad():
+        z = model.head(pool_items(model, [items[i] for i in split.training_images()], progress=False))  # (N, D)
+    assert z.mean(0).abs().max() < 1e-4 < z.abs().mean()
+
+
+def _synthetic_run(tmp_path, name, photo_views, shift):
+    """train_metric on random pooled taps of 8 products x 6 photos + a catalogue image each (no image is read):
+    ``views`` gives each photo ``photo_views`` copies equal to its own taps plus ``shift``."""
+    from pathlib import Path as P
+
+    from mildnet.data.catalogue import CatalogueItem
+    from mildnet.metric_train import train_metric
+
+    items = [CatalogueItem(P(f"/none/{p}_{d}{k}.jpg"), f"p{p}", f"c{p % 2}", d)
+             for p in range(8) for d, n in (("street", 6), ("shop", 1)) for k in range(n)]
+    split = protocol_split(items, "unseen_products", seed=0, test_fraction=0.0, dev_fraction=0.25)
+    torch.manual_seed(0)  # the same random head in every run
+    model = create("mildnet_effnet_lite0", pretrained=False, input_size=64, residual=True, final_relu=False)
+    pooled = torch.randn(len(items), model.pooled_dim, generator=torch.Generator().manual_seed(0)).abs()
+    views = {i: pooled[i].expand(max(photo_views, 1), -1) + shift for i, it in enumerate(items)
+             if it.domain == "street"}
+    cfg = MetricConfig(out=str(tmp_path / name), epochs=2, P=4, K=2, catalogue_views=0, photo_views=photo_views,
+                       progress=False, threads=1)
+    return train_metric(cfg, items, split, pooled=pooled, views=views, model=model)["model"].head.state_dict()
+
+
+def test_photo_views_are_what_photos_train_on(tmp_path):
+    """Copies equal to the photo itself train exactly as no copies; shifted copies train something else: the
+    photos' rows of the view table are the copies ``views`` gives."""
+    plain = _synthetic_run(tmp_path, "plain", 0, 0.0)
+    same = _synthetic_run(tmp_path, "same", 2, 0.0)
+    moved = _synthetic_run(tmp_path, "moved", 2, 5.0)
+    assert all(torch.equal(plain[k], same[k]) for k in plain)
+    assert not all(torch.equal(plain[k], moved[k]) for k in plain)

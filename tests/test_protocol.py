@@ -242,3 +242,16 @@ def test_the_default_recipe_is_what_the_study_chose():
     defaults = dataclasses.asdict(MetricConfig())
     assert {k: defaults[k] for k in recipe if k not in ("model", "input_size", "seed")} == \
         {k: v for k, v in recipe.items() if k not in ("model", "input_size", "seed")}
+
+
+def test_centred_zero_shot_row_hand_computed():
+    """bench/accuracy.py's centred backbone row: minus the mean of the training rows only, L2 again; an unreadable
+    image (NaN row) stays NaN and is left out of the mean."""
+    from bench.accuracy import _centred
+
+    emb = np.array([[1.0, 0.0], [0.0, 1.0], [np.nan, np.nan], [1.0, 1.0]])
+    out = _centred(emb, [0, 1, 2])  # mean (0.5, 0.5); row 3 is not a training row
+    s = np.sqrt(0.5)
+    np.testing.assert_allclose(out[[0, 1]], [[s, -s], [-s, s]])
+    np.testing.assert_allclose(out[3], [s, s])  # (1, 1) - (0.5, 0.5), L2
+    assert np.isnan(out[2]).all()

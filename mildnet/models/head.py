@@ -57,6 +57,34 @@ class ResidualHead(nn.Module):
         return base + self.correction(pooled)
 
 
+def output_layer(head: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` whose output ``head``'s output is, up to a constant: the correction's last layer of a
+    :class:`ResidualHead`, the last layer of a :class:`DenseHead` without its final ReLU. Anything else (a head
+    that ends in a ReLU) has no such layer: ``UsageError``."""
+    last = head.correction[-1] if isinstance(head, ResidualHead) else head[-1] if isinstance(head, DenseHead) else None
+    if not isinstance(last, nn.Linear):
+        raise UsageError(f"{type(head).__name__} does not end in a linear layer (a final ReLU?): it cannot be centred")
+    return last
+
+
+@torch.no_grad()
+def centre_head(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """Shift ``head``'s :func:`output_layer` bias so that its output (before L2) averages zero over the rows
+    ``pooled`` (``Tensor[N, in_dim]``, eval mode); returns the mean removed, ``Tensor[D]``.
+
+    Why: ImageNet features are ReLU outputs, so every embedding leans the same way and any two products look
+    alike (cosine about 0.4); removing the mean of the training images spreads unrelated products apart and
+    costs nothing at inference (it is folded into a bias)."""
+    was = head.training
+    head.eval()
+    try:
+        mean = head(pooled).mean(0)  # (D,)
+    finally:
+        head.train(was)
+    output_layer(head).bias.sub_(mean)
+    return mean
+
+
 class ZooModel(nn.Module):
     """What every registry model offers (see the models contract).
 
