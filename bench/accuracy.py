@@ -60,7 +60,9 @@ STUDY = {"default": {}, "multi_similarity": {"loss": "multi_similarity"}, "norm_
          "residual_epochs_20_lr_3e-5": {"residual": True, "epochs": 20, "lr": 3e-5},
          "residual_epochs_20_centre": {"residual": True, "epochs": 20, "centre": True},
          "residual_epochs_20_lr_3e-5_centre": {"residual": True, "epochs": 20, "lr": 3e-5, "centre": True},
-         "residual_epochs_20_lr_3e-5_photo_views_2": {"residual": True, "epochs": 20, "lr": 3e-5, "photo_views": 2}}
+         "residual_epochs_20_lr_3e-5_photo_views_2": {"residual": True, "epochs": 20, "lr": 3e-5, "photo_views": 2},
+         "residual_epochs_20_lr_3e-5_centre_siblings": {"residual": True, "epochs": 20, "lr": 3e-5, "centre": True,
+                                                        "sibling_batches": True}}
 STUDY_SCHEME = "unseen_products"
 # The unseen-kind property gets a dev of its own: with the reported kind (KIND_TEST) never read, each candidate
 # trains a second time with one more kind (KIND_DEV) held out, whose photos are then scored as never seen

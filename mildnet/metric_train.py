@@ -72,6 +72,7 @@ class MetricConfig:
     P: int = 16  # products per batch
     K: int = 4  # images per product
     catalogue_share: float = 0.5  # chance each of a product's K slots (but the first) is its catalogue image
+    sibling_batches: bool = False  # a batch takes whole categories (PKSampler groups; studied on the dev split)
     dropout: float = 0.5
     final_relu: bool = False  # see DenseHead: the paper's VGG head ends in a ReLU, its Mobile head does not
     residual: bool = True  # ResidualHead: start at the zero-shot embedding (chosen on the dev split; docs/results.md)
@@ -218,8 +219,8 @@ def train_metric(cfg: MetricConfig, items: Sequence[CatalogueItem], split: Proto
                                               progress=cfg.progress).unbind(1)))
         table[1:count + 1, rows] = torch.stack([views[i][:count] for i in idx], 1)
     sampler = PKSampler([items[i].item_id for i in train_idx], P=cfg.P, K=cfg.K, seed=cfg.seed,
-                        is_catalogue=is_shop.tolist(),
-                        catalogue_share=cfg.catalogue_share)
+                        is_catalogue=is_shop.tolist(), catalogue_share=cfg.catalogue_share,
+                        groups=[items[i].category for i in train_idx] if cfg.sibling_batches else None)
     loss_mod = _loss_module(cfg, len(products), model.embedding_dim)
     groups = [{"params": list(model.trainable_parameters())}]
     if loss_mod is not None:  # proxies learn fast (the proxy-anchor paper's 100x)

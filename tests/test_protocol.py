@@ -113,6 +113,34 @@ def test_pk_sampler_catalogue_share_and_seed():
     assert list(a) != list(b)
 
 
+def test_pk_sampler_takes_whole_categories():
+    """groups: products p0-p2 are one category, p3-p4 another, p5 a third; with P=3 a batch is one whole category
+    or, when it starts with a small one, that category and then products of the next, cut to fit."""
+    labels, shop = _labels(n_products=6)
+    cat = {"p0": "a", "p1": "a", "p2": "a", "p3": "b", "p4": "b", "p5": "c"}
+    s = PKSampler(labels, P=3, K=2, is_catalogue=shop, groups=[cat[x] for x in labels], seed=0,
+                  batches_per_epoch=200)
+    firsts = Counter()
+    for b in s:
+        products = list(dict.fromkeys(labels[i] for i in b))  # in batch order
+        assert len(products) == 3
+        cats = [cat[p] for p in products]
+        firsts[cats[0]] += 1
+        assert cats == sorted(cats, key=cats.index)  # categories come whole, one after another
+        if cats[0] == "a":
+            assert set(products) == {"p0", "p1", "p2"}
+        elif cats[0] == "b":
+            assert set(products[:2]) == {"p3", "p4"}
+        else:
+            assert cats[1] != "c" and (cats[1] == "b" and set(products[1:]) == {"p3", "p4"} or cats[1] == "a")
+    assert set(firsts) == {"a", "b", "c"}  # every category leads some batches
+    plain = PKSampler(labels, P=3, K=2, is_catalogue=shop, seed=0, batches_per_epoch=200)
+    together = sum({"p0", "p1", "p2"} <= {labels[i] for i in b} for b in plain)
+    assert together < 40  # without groups, siblings meet by chance (1 in 20 batches)
+    with pytest.raises(ValueError, match="groups has 1 entries"):
+        PKSampler(labels, groups=["a"])
+
+
 def test_pk_sampler_refuses_k1():
     with pytest.raises(ValueError, match="K must be >= 2"):
         PKSampler(["a", "b"], K=1)

@@ -25,11 +25,15 @@ class PKSampler:
         is_catalogue: per image, True for a catalogue (shop) image; None: all photos.
         P, K: products per batch and images per product (K >= 2: an anchor needs a positive).
         catalogue_share: chance that each of a product's K slots is its catalogue image (when it has one).
+        groups: per image, its product's category; given, a batch takes whole categories (in a random order, the
+            last one cut to fit P), so products of one category meet as each other's negatives in every batch
+            they are in (without it they meet by chance).
         batches_per_epoch: default: enough batches for every photo to be seen about once.
     """
 
     def __init__(self, labels: Sequence, *, P: int = 16, K: int = 4, is_catalogue: Sequence[bool] | None = None,
-                 catalogue_share: float = 0.25, batches_per_epoch: int | None = None, seed: int = 0):
+                 catalogue_share: float = 0.25, batches_per_epoch: int | None = None, seed: int = 0,
+                 groups: Sequence | None = None):
         if K < 2:
             raise UsageError(f"K must be >= 2 (an anchor needs a positive in its batch), got {K}")
         if not 0.0 <= catalogue_share <= 1.0:
@@ -48,6 +52,16 @@ class PKSampler:
         self.P = min(P, len(self.products))
         self.K, self.catalogue_share, self.seed, self.epoch = K, catalogue_share, seed, 0
         self.photos, self.shop = dict(photos), dict(shop)
+        self.groups: list[list[int]] | None = None  # product numbers (into self.products) of each category
+        if groups is not None:
+            groups = list(groups)
+            if len(groups) != len(labels):
+                raise UsageError(f"groups has {len(groups)} entries for {len(labels)} labels")
+            group_of = {lab: g for lab, g in zip(labels, groups)}
+            members: dict = defaultdict(list)
+            for k, p in enumerate(self.products):
+                members[group_of[p]].append(k)
+            self.groups = [members[g] for g in sorted(members)]
         n_photos = sum(len(photos[p]) for p in self.products)
         self.batches = batches_per_epoch or max(1, n_photos // (self.P * self.K))
 
@@ -69,5 +83,14 @@ class PKSampler:
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         for _ in range(self.batches):
-            chosen = rng.choice(len(self.products), self.P, replace=False)
+            chosen = self._whole_groups(rng) if self.groups else rng.choice(len(self.products), self.P, replace=False)
             yield [i for c in chosen for i in self._slots(self.products[c], rng)]
+
+    def _whole_groups(self, rng: np.random.Generator) -> list[int]:
+        """P product numbers: whole categories in a random order, each category's products shuffled."""
+        chosen: list[int] = []
+        for g in rng.permutation(len(self.groups)):
+            chosen += list(rng.permutation(self.groups[g]))
+            if len(chosen) >= self.P:
+                break
+        return chosen[:self.P]
