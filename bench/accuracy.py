@@ -98,6 +98,17 @@ def _embed_zero_shot(model_name: str, pooled: torch.Tensor, taps_model, input_si
     return out
 
 
+def _stashed(path: Path, key: dict, compute) -> dict:
+    """``compute()`` (a dict of tensors and numbers), kept at ``path`` under ``key``: pooled taps are a pure
+    function of (images, model, size, views, seed), so a rerun with the same key loads them instead."""
+    saved = torch.load(path, weights_only=True) if path.is_file() else None
+    if saved is not None and json.loads(saved["key"]) == key:
+        return saved
+    out = compute()
+    torch.save({"key": json.dumps(key), **out}, path)
+    return out
+
+
 def _centred(emb: np.ndarray, rows: list[int]) -> np.ndarray:
     """``emb`` minus its mean over ``rows`` (a split's training images), L2 again: the zero-shot backbone with
     the one thing the default recipe's centring adds, so the table shows what training adds beyond it."""
@@ -180,37 +191,31 @@ def main() -> int:
     t0 = time.time()
     shop = [i for i, it in enumerate(items) if it.domain == "shop"]
     n_views = max(base.catalogue_views, *(c.get("catalogue_views", 0) for c in STUDY.values()))
-    # pooled taps are a pure function of (images, model, size, seed): kept in the work folder for a rerun
     key = {"paths": [str(it.path) for it in items], "model": args.model, "size": args.input_size, "seed": args.seed}
-    stash = work / "pooled.pt"
-    saved = torch.load(stash, weights_only=True) if stash.is_file() else None
-    if saved is not None and json.loads(saved["key"]) == {**key, "views": n_views}:
-        pooled, view_table, pool_seconds = saved["pooled"], saved["views"], float(saved["seconds"])
-        pool_load = saved.get("load_average", "not recorded")
-    else:
+
+    def pool_all() -> dict:
         pooled = pool_items(taps_model, items, args.image_cache, progress=True)
-        view_table = pool_views(taps_model, items, shop, n_views, seed=args.seed)  # (V, len(shop), F)
-        pool_seconds = round(time.time() - t0, 1)
-        pool_load = f"{load_start[0]:.1f} to {os.getloadavg()[0]:.1f}"
-        torch.save({"key": json.dumps({**key, "views": n_views}), "pooled": pooled, "views": view_table,
-                    "seconds": pool_seconds, "load_average": pool_load}, stash)
-    views = dict(zip(shop, view_table.unbind(1)))
+        views = pool_views(taps_model, items, shop, n_views, seed=args.seed)  # (V, len(shop), F)
+        return {"pooled": pooled, "views": views, "seconds": round(time.time() - t0, 1),
+                "load_average": f"{load_start[0]:.1f} to {os.getloadavg()[0]:.1f}"}
+
+    saved = _stashed(work / "pooled.pt", {**key, "views": n_views}, pool_all)
+    pooled, pool_seconds = saved["pooled"], float(saved["seconds"])
+    pool_load = saved.get("load_average", "not recorded")
+    views = dict(zip(shop, saved["views"].unbind(1)))
     # augmented copies of every photo, for the candidates that train on them (a stash of their own)
     photos = [i for i, it in enumerate(items) if it.domain == "street"]
     n_photo_views = max(base.photo_views, *(c.get("photo_views", 0) for c in STUDY.values()))
     photo_seconds = 0.0
     if n_photo_views:
-        stash = work / "photo_views.pt"
-        saved = torch.load(stash, weights_only=True) if stash.is_file() else None
-        if saved is not None and json.loads(saved["key"]) == {**key, "views": n_photo_views}:
-            photo_table, photo_seconds = saved["views"], float(saved["seconds"])
-        else:
+        def pool_photos() -> dict:
             t1 = time.time()
-            photo_table = pool_views(taps_model, items, photos, n_photo_views, seed=args.seed)  # (V, photos, F)
-            photo_seconds = round(time.time() - t1, 1)
-            torch.save({"key": json.dumps({**key, "views": n_photo_views}), "views": photo_table,
-                        "seconds": photo_seconds}, stash)
-        views.update(zip(photos, photo_table.unbind(1)))
+            views = pool_views(taps_model, items, photos, n_photo_views, seed=args.seed)  # (V, photos, F)
+            return {"views": views, "seconds": round(time.time() - t1, 1)}
+
+        saved = _stashed(work / "photo_views.pt", {**key, "views": n_photo_views}, pool_photos)
+        photo_seconds = float(saved["seconds"])
+        views.update(zip(photos, saved["views"].unbind(1)))
     zero_shot = _embed_zero_shot(args.zero_shot, pooled, taps_model, args.input_size)
     result = {"benchmark": "accuracy", "dataset": "Grocery Store (train + val photos, 81 catalogue images)",
               "settings": {"model": args.model, "zero_shot": args.zero_shot, "input_size": args.input_size,

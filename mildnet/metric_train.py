@@ -237,7 +237,7 @@ def train_metric(cfg: MetricConfig, items: Sequence[CatalogueItem], split: Proto
         bias = output_layer(model.head).bias if cfg.centre else None
         trained_bias = bias.detach().clone() if cfg.centre else None
         if cfg.centre:
-            centre_head(model.head, pooled[train_idx])
+            centre_head(model.head, table[0])  # view 0: the training images as they are
         dev = dev_metrics(model, pooled, items, split)
         score = selection_score(dev)
         row = {"epoch": epoch, "train_loss": loss, "selection_score": score, "seconds": round(seconds, 2),
