@@ -12,9 +12,10 @@ against the whole 81-image catalogue, triplet accuracy with in-class and out-of-
 trained model's paired difference to the zero-shot backbone. Models: ``ours`` (``mildnet train --catalogue``,
 the default recipe) and ``paper`` (the paper's triplet recipe, `mildnet train --train triplets.csv`, on
 triplets of the same training images). Selection uses dev data only: first a study of recipe settings (each
-candidate changes the default as STUDY says; the best mean of its unseen-products dev score and its kind-dev
-score wins, see KIND_DEV), then every run keeps its best dev epoch; the reported roles are touched once, at the
-end.
+candidate changes the default as STUDY says; a candidate's study score is the mean of its unseen-products dev
+score and its kind-dev score, see KIND_DEV; the best few train again with more seeds and the best mean over the
+seeds wins, see CONFIRM_TOP), then every run keeps its best dev epoch; the reported roles are touched once, at
+the end.
 
     .venv/bin/python bench/accuracy.py    # study on dev, then the table (bench/results/accuracy.json)
 """
@@ -34,7 +35,6 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from mildnet.data.catalogue import grocery_catalogue  # noqa: E402
 from mildnet.data.splits import SCHEMES, kind_of, protocol_split  # noqa: E402
@@ -52,7 +52,7 @@ SPLIT_NAMES = {("unseen_products", "test_unseen"): "unseen products", ("unseen_k
 # reported rows train, and MetricConfig's defaults are set to it (tests/test_protocol.py checks that they agree
 # with bench/results/accuracy.json).
 STUDY_BASE = {"loss": "proxy_anchor", "catalogue_views": 8, "catalogue_share": 0.5, "final_relu": False,
-              "residual": False, "centre": False, "epochs": 12, "lr": 1e-4}
+              "residual": False, "centre": False, "epochs": 12, "lr": 1e-4, "preserve": 0.0}
 STUDY = {"default": {}, "multi_similarity": {"loss": "multi_similarity"}, "norm_softmax": {"loss": "norm_softmax"},
          "no_catalogue_views": {"catalogue_views": 0}, "final_relu": {"final_relu": True},
          "epochs_20": {"epochs": 20}, "residual": {"residual": True},
@@ -62,13 +62,23 @@ STUDY = {"default": {}, "multi_similarity": {"loss": "multi_similarity"}, "norm_
          "residual_epochs_20_lr_3e-5_centre": {"residual": True, "epochs": 20, "lr": 3e-5, "centre": True},
          "residual_epochs_20_lr_3e-5_photo_views_2": {"residual": True, "epochs": 20, "lr": 3e-5, "photo_views": 2},
          "residual_epochs_20_lr_3e-5_centre_siblings": {"residual": True, "epochs": 20, "lr": 3e-5, "centre": True,
-                                                        "sibling_batches": True}}
+                                                        "sibling_batches": True},
+         "residual_epochs_20_lr_3e-5_centre_preserve_8": {"residual": True, "epochs": 20, "lr": 3e-5, "centre": True,
+                                                          "preserve": 8.0},
+         "residual_epochs_20_lr_3e-5_centre_preserve_32": {"residual": True, "epochs": 20, "lr": 3e-5, "centre": True,
+                                                           "preserve": 32.0}}
 STUDY_SCHEME = "unseen_products"
 # The unseen-kind property gets a dev of its own: with the reported kind (KIND_TEST) never read, each candidate
 # trains a second time with one more kind (KIND_DEV) held out, whose photos are then scored as never seen
 # (KIND_METRICS); a candidate's study score is the mean of that and its unseen-products dev score.
 KIND_TEST, KIND_DEV = "Packages", "Vegetables"
 KIND_METRICS = ("photo_to_photo_mAP", "photo_to_catalogue_recall@1", "photo_to_catalogue_recall@5")
+# The training seed alone moves a recipe's study score more than the best candidates differ (the JSON's "seeds" of
+# each confirmed candidate; a seed draws the batches, the dropout and the proxies, never the split or the augmented
+# copies), so the CONFIRM_TOP best candidates train again with CONFIRM_SEEDS more seeds and the best mean study
+# score over all their seeds is chosen.
+CONFIRM_TOP, CONFIRM_SEEDS = 3, 2
+SEED_FIELDS = ("dev_selection_score", "dev_kind_score", "study_score", "best_epoch")
 PAPER_EPOCHS = 8  # as the earlier 224 px study of this recipe (the lowest dev loss is kept)
 
 
@@ -90,10 +100,10 @@ def _embed_zero_shot(model_name: str, pooled: torch.Tensor, taps_model, input_si
     x = torch.rand(4, 3, input_size, input_size)
     with torch.no_grad():
         direct = zs(x)
-        sliced = F.normalize(taps_model.pool(x)[:, -zs.embedding_dim:], dim=1)
-    if not torch.allclose(direct, sliced, atol=1e-5):
+        sliced = taps_model.zero_shot_embedding(taps_model.pool(x))
+    if direct.shape != sliced.shape or not torch.allclose(direct, sliced, atol=1e-5):
         raise RuntimeError(f"{model_name}'s embedding is not the last tap of {taps_model.variant}")
-    out = F.normalize(torch.nan_to_num(pooled[:, -zs.embedding_dim:]), dim=1).numpy()
+    out = taps_model.zero_shot_embedding(torch.nan_to_num(pooled)).numpy()
     out[~torch.isfinite(pooled).all(1).numpy()] = np.nan
     return out
 
@@ -253,23 +263,40 @@ def main() -> int:
         kdev = ksplit.roles["test_unseen"]  # photos of the dev kind: never trained on in the kind-dev runs
         result["settings"]["kind_dev"] = {"never_read": KIND_TEST, "held_out": KIND_DEV, "metrics": KIND_METRICS,
                                           "photos": len(kdev), "products": len(ksplit.test_products)}
-        for name, change in STUDY.items():
-            cfg = dataclasses.replace(base, **change, out=str(work / "study" / name))
-            info, emb = run(cfg, split, name)
-            kcfg = dataclasses.replace(cfg, out=str(work / "study_kind" / name))
+        def candidate(name: str, seed: int) -> tuple[dict, dict, np.ndarray]:
+            """Both dev trainings of one candidate with one training seed: (its study entry, the unseen-products
+            run's info and embedding)."""
+            tag = name if seed == args.seed else f"{name}_seed{seed}"
+            cfg = dataclasses.replace(base, **STUDY[name], seed=seed, out=str(work / "study" / tag))
+            info, emb = run(cfg, split, tag)
+            kcfg = dataclasses.replace(cfg, out=str(work / "study_kind" / tag))
             kres = finished_run(kcfg) or train_metric(kcfg, ksub, ksplit, pooled=kpooled, views=kviews)
             km = summarise(split_report(embed_pooled_rows(kres["model"], kpooled), ksub, kdev, ksplit.catalogue),
                            n_boot=args.bootstrap)
             kscore = float(np.mean([km[k]["value"] for k in KIND_METRICS]))
-            print(f"  {name}: dev-kind ({KIND_DEV}) score {kscore:.4f} ({kres['seconds']:.0f} s)", flush=True)
-            result["study"][name] = {"change": change, **info, "dev_kind": {k: km[k] for k in KIND_METRICS},
-                                     "dev_kind_score": kscore, "kind_seconds": kres["seconds"],
-                                     "study_score": float(np.mean([info["dev_selection_score"], kscore]))}
-            kept[name] = (info, emb)
+            print(f"  {tag}: dev-kind ({KIND_DEV}) score {kscore:.4f} ({kres['seconds']:.0f} s)", flush=True)
+            return {"change": STUDY[name], **info, "dev_kind": {k: km[k] for k in KIND_METRICS},
+                    "dev_kind_score": kscore, "kind_seconds": kres["seconds"],
+                    "study_score": float(np.mean([info["dev_selection_score"], kscore]))}, info, emb
+
+        for name in STUDY:
+            entry, info, emb = candidate(name, args.seed)
+            result["study"][name], kept[name] = entry, (info, emb)
+            save()
+        seeds = [args.seed + k for k in range(CONFIRM_SEEDS + 1)]
+        top = screening_best(result["study"], CONFIRM_TOP)
+        result["settings"]["confirm"] = {"top": CONFIRM_TOP, "seeds": seeds}
+        for name in top:  # the screening's best, again with more training seeds (same split, same copies)
+            entry = result["study"][name]
+            entry["seeds"] = {str(args.seed): {k: entry[k] for k in SEED_FIELDS}}
+            for seed in seeds[1:]:
+                again = candidate(name, seed)[0]
+                entry["seeds"][str(seed)] = {k: again[k] for k in SEED_FIELDS}
+            entry["study_score_mean"] = float(np.mean([v["study_score"] for v in entry["seeds"].values()]))
             save()
         zs_kind = summarise(split_report(zero_shot[keep], ksub, kdev, ksplit.catalogue), n_boot=args.bootstrap)
         result["study_zero_shot_dev_kind"] = {k: zs_kind[k] for k in KIND_METRICS}
-        best = max(result["study"], key=lambda n: result["study"][n]["study_score"])
+        best = confirmed_best(result["study"])
         chosen = STUDY[best]
         result["settings"]["chosen"] = {"candidate": best, "change": chosen}
     recipe = dataclasses.replace(base, **chosen)
@@ -314,6 +341,19 @@ def main() -> int:
     print(summary_text(result, args.zero_shot))
     print(f"wrote {_rel(out)}")
     return 0
+
+
+def screening_best(study: dict, top: int) -> list[str]:
+    """The ``top`` candidates of the study by their first seed's study score, best first."""
+    return sorted(study, key=lambda n: -study[n]["study_score"])[:top]
+
+
+def confirmed_best(study: dict) -> str:
+    """The candidate with the best mean study score over its seeds, among those trained with several."""
+    confirmed = [n for n in study if "study_score_mean" in study[n]]
+    if not confirmed:
+        raise ValueError("no candidate of the study was trained with more than one seed")
+    return max(confirmed, key=lambda n: study[n]["study_score_mean"])
 
 
 def finished_run(cfg: MetricConfig) -> dict | None:

@@ -165,6 +165,9 @@ def render_accuracy() -> str:
                if r.get("residual") else f"head {'with' if r['final_relu'] else 'without'} its final ReLU")
             + (", the output centred (the mean embedding of the training images subtracted, folded into the last "
                "bias)" if r.get("centre") else "")
+            + (f", a preservation term of weight {r['preserve']:g} (the change of the cosine between images of "
+               "different products from the zero-shot backbone's, squared, added to the loss)"
+               if r.get("preserve") else "")
             + f", AdamW lr {r['lr']:g}, weight decay "
             f"{r['weight_decay']:g}, {r['epochs']} epochs, the best dev epoch kept"
             + (f" (settings: candidate `{chosen['candidate']}` of the study below)" if chosen else "")
@@ -202,8 +205,10 @@ def render_accuracy() -> str:
         zk = res.get("study_zero_shot_dev_kind", {})
         kind_cols = [_ci(zk[k]) for k in kd["metrics"]] if kd else []
         shown = [c for c in SHOWN_NOT_SCORED if c[1] in zsd.get(c[0], {})]  # older files: not recorded
+        confirm = st.get("confirm")  # older files: one seed, no confirmation
         srows = [[f"`{zs}`, zero-shot", "-", "-", "-", *[_ci(zsd[role][k]) for role, k in STUDY_COLUMNS],
-                  *(["-", *kind_cols, "-"] if kd else []), *[_ci(zsd[role][k]) for role, k, _ in shown], "-"]]
+                  *(["-", *kind_cols, "-"] if kd else []), *(["-"] if confirm else []),
+                  *[_ci(zsd[role][k]) for role, k, _ in shown], "-"]]
         for cand, m in res["study"].items():
             change = ", ".join(f"{k} {v}" for k, v in m["change"].items()) or "the default"
             kind = ([f"{m['dev_kind_score']:.3f}", *[_ci(m["dev_kind"][k]) for k in kd["metrics"]],
@@ -211,23 +216,30 @@ def render_accuracy() -> str:
             srows.append([f"`{cand}`" + (" (chosen)" if cand == chosen.get("candidate") else ""), change,
                           m["best_epoch"], f"{m['dev_selection_score']:.3f}",
                           *[_ci(m["dev"][role][k]) for role, k in STUDY_COLUMNS], *kind,
+                          *([f"{m['study_score_mean']:.3f}" if "study_score_mean" in m else "-"] if confirm else []),
                           *[_ci(m["dev"][role][k]) for role, k, _ in shown],
                           f"{m['seconds'] + m.get('kind_seconds', 0):.0f}"])
         threads = f", trained with {st['threads']} thread(s)" if st.get("threads") else ""
         names = {"photo_to_photo_mAP": "photo->photo mAP", "photo_to_catalogue_recall@1": "photo->catalogue R@1",
                  "photo_to_catalogue_recall@5": "photo->catalogue R@5"}
+        choice = ("study score = the mean of the two; the {top} best are trained again with training seeds {seeds} "
+                  "(the same split and augmented copies; a seed draws the batches, dropout and proxies) and the best "
+                  "mean study score over their seeds is chosen".format(top=confirm["top"],
+                                                                       seeds=_and(confirm["seeds"][1:]))
+                  if confirm else "the candidate with the best mean of the two scores is chosen")
         kind_text = (f"; kind-dev score = mean of {', '.join(names[k] for k in kd['metrics'])} on the "
                      f"{kd['photos']} photos of the {kd['products']} {kd['held_out']} products, held out of a second "
-                     f"training run of each candidate in which {kd['never_read']} are never read either; the "
-                     f"candidate with the best mean of the two scores is chosen") if kd else ""
+                     f"training run of each candidate in which {kd['never_read']} are never read either; {choice}"
+                     ) if kd else ""
+        seed_heads = [f"mean study score, seeds {_and(confirm['seeds'])}"] if confirm else []
         kind_heads = (["kind-dev score", *[f"dev {kd['held_out']} {names[k]}" for k in kd["metrics"]],
                        "study score"] if kd else [])
         out += ["How the settings were chosen, on dev data only (each candidate changes the default as its row "
                 f"says; dev score = mean of the three unseen-products dev figures{kind_text}{threads}):", "",
                 table(["candidate", "change", "kept epoch", "dev score", "dev unseen photo->photo mAP",
                        "dev unseen photo->catalogue R@5", "dev seen photo->catalogue R@1", *kind_heads,
-                       *[head for _, _, head in shown], "train s"],
-                      srows, "llrrrrr" + "r" * (len(kind_heads) + len(shown)) + "r"), ""]
+                       *seed_heads, *[head for _, _, head in shown], "train s"],
+                      srows, "llrrrrr" + "r" * (len(kind_heads) + len(seed_heads) + len(shown)) + "r"), ""]
     out.append(source([name], command))
     return "\n".join(out)
 
@@ -277,12 +289,33 @@ def _reading(res: dict) -> str:
         below = [f"`{c}`" for c, m in res["study"].items() if m["dev_kind_score"] <= floor]
         lines.append(f"- Study, kind dev ({kd['held_out']} never trained on): above the zero-shot backbone's score "
                      f"({floor:.3f}): {', '.join(above) or 'none'}; at or below it: {', '.join(below) or 'none'}.")
-    ranked = sorted(res.get("study", {}).items(), key=lambda kv: -kv[1].get("study_score", float("-inf")))
+    # the choice: the best mean over the confirmation seeds (older files: the one seed's study score)
+    score = lambda m: m.get("study_score_mean", m.get("study_score", float("-inf")))  # noqa: E731
+    ranked = sorted(res.get("study", {}).items(), key=lambda kv: -score(kv[1]))
     if len(ranked) > 1 and "study_score" in ranked[0][1]:
-        (first, a), (second, b) = ranked[:2]
-        lines.append(f"- Study: `{first}` chosen with study score {a['study_score']:.3f}, the runner-up `{second}` "
-                     f"{b['study_score']:.3f} (a difference of {a['study_score'] - b['study_score']:.3f}).")
+        lines.append(_choice(*ranked[0], *ranked[1]))
     return "\n".join(lines)
+
+
+def _choice(first: str, a: dict, second: str, b: dict) -> str:
+    """The study's chosen candidate against its runner-up, seed by seed where both trained with several."""
+    if "seeds" not in a or "seeds" not in b:
+        return (f"- Study: `{first}` chosen with study score {a['study_score']:.3f}, the runner-up `{second}` "
+                f"{b['study_score']:.3f} (a difference of {a['study_score'] - b['study_score']:.3f}).")
+    seeds = sorted(a["seeds"], key=int)
+    mine, theirs = [a["seeds"][k]["study_score"] for k in seeds], [b["seeds"][k]["study_score"] for k in seeds]
+    ahead = sum(x > y for x, y in zip(mine, theirs))
+    return (f"- Study: `{first}` chosen with mean study score {a['study_score_mean']:.3f} over training seeds "
+            f"{_and(seeds)}, the runner-up `{second}` {b['study_score_mean']:.3f}: ahead on {ahead} of {len(seeds)} "
+            "seeds (seed by seed " + ", ".join(f"{x:.3f} against {y:.3f}" for x, y in zip(mine, theirs))
+            + f"). The chosen recipe's own score moves from {min(mine):.3f} to {max(mine):.3f} with the seed alone, "
+            "which is why the choice is made on the mean over seeds.")
+
+
+def _and(values) -> str:
+    """``[0, 1, 2]`` -> ``"0, 1 and 2"``."""
+    values = [str(v) for v in values]
+    return ", ".join(values[:-1]) + " and " + values[-1] if len(values) > 1 else "".join(values)
 
 
 def _paper_recipe(paper: dict) -> str:

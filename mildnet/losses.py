@@ -15,7 +15,7 @@ import torch
 
 __all__ = ["distance", "split_triplets", "triplet_hinge", "batch_hinge", "contrastive", "LOSSES", "get_loss",
            "multi_similarity", "NormSoftmax", "ProxyAnchor", "BATCH_LOSSES",
-           "triplet_correct"]
+           "triplet_correct", "similarity_preservation"]
 
 
 def distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -132,3 +132,16 @@ class ProxyAnchor(torch.nn.Module):
 
 
 BATCH_LOSSES = ("multi_similarity", "norm_softmax", "proxy_anchor")
+
+
+def similarity_preservation(emb: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean squared change of the cosine between images of different products: ``emb, ref: Tensor[B, D_e],
+    Tensor[B, D_r]`` unit rows (the trained and the zero-shot embedding of the same images), ``labels[B]``.
+    Pairs of one product are left free (the metric loss pulls them together); the others keep the backbone's
+    geometry, which is what tells apart products training never saw (a regulariser, weighted by
+    ``MetricConfig.preserve``)."""
+    neg = labels[:, None] != labels[None, :]  # (B, B)
+    if not neg.any():
+        return emb.sum() * 0.0
+    diff = emb @ emb.T - ref @ ref.T
+    return diff[neg].pow(2).mean()

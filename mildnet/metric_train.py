@@ -10,7 +10,9 @@ tells apart. What else changes is how the head learns:
   batch a positive or a negative, photo-photo as well as photo-catalogue positives;
 * a metric-learning loss over the whole batch (proxy-anchor by default; multi-similarity and normalised
   softmax as options; the default is what bench/accuracy.py's study chose on the dev split) instead of one
-  fixed negative per triplet;
+  fixed negative per triplet, plus ``preserve`` times :func:`mildnet.losses.similarity_preservation`: the
+  cosines between images of different products are held near the zero-shot backbone's, the geometry that tells
+  apart products training never saw;
 * model selection on a dev split carved from the catalogue itself (:func:`mildnet.data.splits.protocol_split`
   with no test products): products training never reads (``dev_unseen``) and held-out photos of the products
   it does read (``dev_seen``). The checkpoint kept is the epoch with the best :func:`selection_score`.
@@ -43,7 +45,7 @@ from .data.transforms import RetrievalAugment
 from .errors import UsageError
 from .fileio import atomic_open, atomic_write_text
 from .imageio import normalize
-from .losses import BATCH_LOSSES, NormSoftmax, ProxyAnchor, multi_similarity
+from .losses import BATCH_LOSSES, NormSoftmax, ProxyAnchor, multi_similarity, similarity_preservation
 from .metrics import split_report, summarise
 from .models import create
 from .models.head import centre_head, output_layer
@@ -79,6 +81,7 @@ class MetricConfig:
     centre: bool = True  # subtract the training images' mean embedding (folded into a bias; chosen on the dev split)
     catalogue_views: int = 8  # augmented copies of each training catalogue image, pooled once (0: none)
     photo_views: int = 0  # augmented copies of each training photo, pooled once (0: none; chosen on the dev split)
+    preserve: float = 8.0  # weight of similarity_preservation (0: none; chosen on the dev split, over three seeds)
     seed: int = 0
     threads: int | None = None
     progress: bool = True
@@ -89,7 +92,7 @@ class MetricConfig:
         for name in ("lr", "epochs", "P", "K"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("catalogue_views", "photo_views"):
+        for name in ("catalogue_views", "photo_views", "preserve"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.centre and self.final_relu and not self.residual:
@@ -266,8 +269,11 @@ def train_metric(cfg: MetricConfig, items: Sequence[CatalogueItem], split: Proto
         for batch in tqdm(sampler, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, leave=False):
             b = torch.tensor(batch)
             v = (torch.rand(len(b), generator=view_rng) * (n_views[b] + 1)).long()  # 0..n_views, uniform
-            emb = model.embed_pooled(table[v, b])  # (P*K, D) unit
+            x = table[v, b]  # (P*K, pooled_dim)
+            emb = model.embed_pooled(x)  # (P*K, D) unit
             loss = multi_similarity(emb, labels[b]) if loss_mod is None else loss_mod(emb, labels[b])
+            if cfg.preserve:
+                loss = loss + cfg.preserve * similarity_preservation(emb, model.zero_shot_embedding(x), labels[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

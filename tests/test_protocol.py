@@ -11,7 +11,7 @@ import torch
 from mildnet.data.catalogue import CatalogueItem, grocery_catalogue
 from mildnet.data.samplers import PKSampler
 from mildnet.data.splits import ROLES, SCHEMES, protocol_split
-from mildnet.losses import NormSoftmax, ProxyAnchor, multi_similarity
+from mildnet.losses import NormSoftmax, ProxyAnchor, multi_similarity, similarity_preservation
 from mildnet.metrics import (bootstrap_interval, paired_interval, per_query_retrieval, per_query_triplets,
                              split_report, spread, summarise)
 
@@ -178,6 +178,17 @@ def test_proxy_anchor_hand_computed():
     assert value.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_similarity_preservation_hand_computed():
+    ref = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.8, 0.6]])
+    # pairs of different products: (0, 2) cosine 0.8 against 0.6, (1, 2) 0.8 against 0.8; the pair (0, 1) is one
+    # product and free (cosine 1 against 0); each unordered pair counts twice in the (B, B) mean
+    value = similarity_preservation(emb, ref, torch.tensor([0, 0, 1]))
+    assert value.item() == pytest.approx((0.2 ** 2 + 0.0) / 2, rel=1e-5)
+    assert similarity_preservation(ref, ref, torch.tensor([0, 1, 2])).item() == 0.0
+    assert similarity_preservation(emb, ref, torch.tensor([0, 0, 0])).item() == 0.0  # nothing to keep
+
+
 @pytest.mark.parametrize("make", [lambda: (lambda e, y: multi_similarity(e, y)),
                                   lambda: NormSoftmax(3, 4), lambda: ProxyAnchor(3, 4)])
 def test_batch_losses_train_something(make):
@@ -270,6 +281,21 @@ def test_the_default_recipe_is_what_the_study_chose():
     defaults = dataclasses.asdict(MetricConfig())
     assert {k: defaults[k] for k in recipe if k not in ("model", "input_size", "seed")} == \
         {k: v for k, v in recipe.items() if k not in ("model", "input_size", "seed")}
+
+
+def test_the_study_chooses_by_the_mean_over_seeds():
+    """The screening ranks on the first seed; the choice is the best mean over all seeds of the confirmed ones,
+    which can overturn the screening's order, and a candidate trained with one seed is never chosen."""
+    from bench.accuracy import confirmed_best, screening_best
+
+    study = {"a": {"study_score": 0.80}, "b": {"study_score": 0.79}, "c": {"study_score": 0.78},
+             "d": {"study_score": 0.70}}
+    assert screening_best(study, 3) == ["a", "b", "c"]
+    study["a"]["study_score_mean"], study["b"]["study_score_mean"] = 0.75, 0.77
+    study["c"]["study_score_mean"] = 0.76
+    assert confirmed_best(study) == "b"
+    with pytest.raises(ValueError, match="more than one seed"):
+        confirmed_best({"d": {"study_score": 0.9}})
 
 
 def test_centred_zero_shot_row_hand_computed():

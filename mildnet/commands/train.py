@@ -16,7 +16,7 @@ from ..train import TrainConfig, _dist_info, train
 
 
 # Options of the recipe only (model, loss, lr, epochs, weight decay, seed, threads: mildnet.train's, for both).
-_RECIPE_FLAGS = ("temperature", "P", "K", "catalogue_share", "dropout", "catalogue_views", "photo_views")
+_RECIPE_FLAGS = ("temperature", "P", "K", "catalogue_share", "dropout", "catalogue_views", "photo_views", "preserve")
 
 
 def add_arguments(p) -> None:

@@ -34,6 +34,12 @@ class DenseHead(nn.Sequential):
         super().__init__(*layers, *([nn.ReLU(inplace=True)] if final_relu else []))
 
 
+def last_map_embedding(pooled: torch.Tensor, last_dim: int) -> torch.Tensor:
+    """The zero-shot embedding inside pooled taps: ``Tensor[N, pooled_dim]`` -> its last ``last_dim`` columns (the
+    pooled last map, which every MILDNet's taps end with), L2: ``Tensor[N, last_dim]``."""
+    return F.normalize(pooled[:, -last_dim:], dim=1)
+
+
 class ResidualHead(nn.Module):
     """``Tensor[N, in_dim]`` -> ``Tensor[N, last_dim]``: the zero-shot embedding (the pooled last map, the last
     ``last_dim`` columns of the input, L2-normalised) plus a learned correction Dense+ReLU -> Dropout -> Dense
@@ -53,7 +59,7 @@ class ResidualHead(nn.Module):
         nn.init.zeros_(self.correction[-1].bias)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        base = F.normalize(pooled[:, -self.last_dim:], dim=1)  # (N, last_dim): the zero-shot embedding
+        base = last_map_embedding(pooled, self.last_dim)  # (N, last_dim)
         return base + self.correction(pooled)
 
 
@@ -207,6 +213,11 @@ class MILDNet(ZooModel):
         """``Tensor[N, 3, S, S]`` -> the pooled, concatenated taps ``Tensor[N, pooled_dim]`` (the head's input)."""
         # tap_norm: each pooled tap gets unit length, so a shallow tap's large activations cannot drown the others
         return gap_concat(self.tap_maps(x), l2_normalize=self.tap_norm)  # (N, sum C_k)
+
+    def zero_shot_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``Tensor[N, pooled_dim]`` -> the ImageNet backbone's own embedding, L2(GAP(last map)), with no head:
+        unit ``Tensor[N, tap_channels["last"]]``."""
+        return last_map_embedding(pooled, self.backbone.tap_channels["last"])
 
     def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """``Tensor[N, pooled_dim]`` (from :meth:`pool`) -> unit ``Tensor[N, embedding_dim]``: head and L2."""
